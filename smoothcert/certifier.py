@@ -1,0 +1,159 @@
+"""One certification or prediction request against a loaded model bundle.
+
+The order of a certification is fixed: answer from the memory if the input lies in a
+committed ball (no sampling); else σ search (if asked) on its own samples, then selection
+and estimation on fresh samples, then the memory rule and commit. All noise comes from one
+generator seeded by the request's seed, so the same request with the same seed on the same
+device gives the same certificate. The returned certificate names the model digest and the
+numeric mode; with a memory it is exactly the committed entry.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from smoothcert import bounds
+from smoothcert.bundle import Bundle
+from smoothcert.drs import certify_drs
+from smoothcert.memory import Memory
+from smoothcert.results import Certificate, Prediction
+from smoothcert.sampling import CancelCheck
+from smoothcert.sigma import SigmaSearch, search_sigma
+from smoothcert.smoothing import StageProgress, certify, predict, seeded, stage
+
+NUMERIC_MODE = "fp32"
+
+
+def default_device() -> torch.device:
+    """CUDA when present, the CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Certifier:
+    """Certifies inputs with one bundle on one device."""
+
+    def __init__(self, bundle: Bundle, *, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.bundle = bundle.to(self.device)
+        self.spec = bundle.spec
+        self.numeric_mode = NUMERIC_MODE
+        self.namespace = f"{bundle.digest}/{self.numeric_mode}"
+
+    def new_memory(self, capacity: int | None = None) -> Memory:
+        """An empty memory for this model and numeric mode."""
+        dim = int(np.prod(self.spec.input_shape))
+        return Memory(self.namespace, dim, capacity=capacity, device=self.device)
+
+    def tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The input as a float32 tensor of the model's input shape on the model's device."""
+        t = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        if tuple(t.shape) != tuple(self.spec.input_shape):
+            raise bounds.InvalidParameters(
+                f"input has shape {tuple(t.shape)} but the model takes {tuple(self.spec.input_shape)}"
+            )
+        return t
+
+    def _sigma(self, sigma: float | None) -> float:
+        s = self.spec.sigma
+        sigma = s.default if sigma is None else sigma
+        bounds.check_sigma(sigma, s.min, s.max)
+        return float(sigma)
+
+    def certify(
+        self,
+        x: np.ndarray | torch.Tensor,
+        *,
+        sigma: float | None = None,
+        sigma_search: SigmaSearch | None = None,
+        bound: str | None = None,
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        batch_size: int = 1000,
+        seed: int | None = None,
+        memory: Memory | None = None,
+        progress: StageProgress | None = None,
+        cancel: CancelCheck | None = None,
+    ) -> Certificate:
+        """Certify `x` ([C, H, W] in [0,1]) at a fixed σ (default: the model's) or a searched σ."""
+        drs = self.spec.kind == "drs"
+        bound = bound or ("drs" if drs else "cohen")
+        if drs != (bound == "drs"):
+            raise bounds.InvalidParameters(
+                "DRS bundles certify with bound 'drs' only" if drs
+                else "bound 'drs' needs a DRS bundle (kind: drs)"
+            )
+        if sigma is not None and sigma_search is not None:
+            raise bounds.InvalidParameters("give either sigma or sigma_search, not both")
+        if sigma_search is not None and drs:
+            raise bounds.InvalidParameters("sigma_search is not available for DRS bundles")
+        bounds.check_certify(n0, n, alpha, batch_size, bound)
+        fixed_sigma = self._sigma(sigma) if sigma_search is None else None
+        search = sigma_search.resolved() if sigma_search is not None else None
+        if memory is not None and memory.namespace != self.namespace:
+            raise bounds.InvalidParameters(
+                f"memory namespace {memory.namespace} does not match this model ({self.namespace})"
+            )
+        started = time.perf_counter()
+        t = self.tensor(x)
+        seed, generator = seeded(seed, None, self.device)
+        template = Certificate(
+            prediction=None, radius=0.0, sigma=fixed_sigma or 0.0, bound=bound, n0=n0, n=n,
+            alpha=alpha, batch_size=batch_size, seed=seed, model_digest=self.bundle.digest,
+            numeric_mode=self.numeric_mode,
+        )
+        if memory is not None:
+            answered = memory.answer(t, template)
+            if answered is not None:
+                return answered.replace(seconds=time.perf_counter() - started)
+
+        record = None
+        if search is not None:
+            s = self.spec.sigma
+            record = search_sigma(
+                self.bundle.classifier, t, search, num_classes=self.spec.num_classes,
+                sigma_default=s.default, sigma_min=s.min, sigma_max=s.max, n=n, alpha=alpha,
+                batch_size=batch_size, generator=generator, cancel=cancel,
+                progress=stage(progress, "sigma_search"),
+            )
+        common = dict(
+            num_classes=self.spec.num_classes, sigma=record.sigma if record else fixed_sigma,
+            n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed, generator=generator,
+            progress=progress, cancel=cancel,
+        )
+        if drs:
+            cert = certify_drs(self.bundle.left, self.bundle.right, t, **common)
+        else:
+            cert = certify(self.bundle.classifier, t, bound=bound, **common)
+        cert = cert.replace(
+            search=record, model_digest=self.bundle.digest, numeric_mode=self.numeric_mode,
+            samples=cert.samples + (record.samples_used if record else 0),
+        )
+        if memory is not None:
+            cert = memory.certify(t, cert)
+        return cert.replace(seconds=time.perf_counter() - started)
+
+    def predict(
+        self,
+        x: np.ndarray | torch.Tensor,
+        *,
+        sigma: float | None = None,
+        n: int = 10_000,
+        alpha: float = 0.001,
+        batch_size: int = 1000,
+        seed: int | None = None,
+        progress: StageProgress | None = None,
+        cancel: CancelCheck | None = None,
+    ) -> Prediction:
+        """PREDICT at a fixed σ (default: the model's). Standard bundles only."""
+        if self.spec.kind == "drs":
+            raise bounds.InvalidParameters("PREDICT is defined for standard bundles; certify a DRS bundle")
+        result = predict(
+            self.bundle.classifier, self.tensor(x), num_classes=self.spec.num_classes,
+            sigma=self._sigma(sigma), n=n, alpha=alpha, batch_size=batch_size, seed=seed,
+            progress=progress, cancel=cancel,
+        )
+        return result.replace(model_digest=self.bundle.digest, numeric_mode=self.numeric_mode)

@@ -1,0 +1,148 @@
+"""Batched Monte Carlo sampling of a base classifier under Gaussian noise.
+
+Guarantees:
+- noise is N(0, σ²I) in [0,1] pixel space, drawn on the input's device from the caller's
+  `torch.Generator`: the same seed on the same device gives the same counts;
+- class counts accumulate on the device; the host reads them once, at the end, so no batch
+  waits for a device→host copy;
+- `progress(done, total)` and `cancel()` run on the host between batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+Progress = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+# One batch is at most this many input elements, whatever batch_size asks: it keeps the
+# noise tensor of a large model within a few hundred MiB.
+MAX_BATCH_ELEMENTS = 64 * 2**20
+
+
+class Cancelled(Exception):
+    """Raised between batches when the caller's cancel check answers True."""
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator on `device` seeded with `seed` (the only source of noise in the engine)."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def fresh_seed() -> int:
+    """A random 63-bit seed, used when the caller gives none, so results stay replayable."""
+    return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """A 63-bit seed for item `path` of a run seeded with `seed` (independent streams)."""
+    state = np.random.SeedSequence([int(seed), *map(int, path)]).generate_state(1, np.uint64)
+    return int(state[0] >> 1)
+
+
+def effective_batch(batch_size: int, input_numel: int) -> int:
+    """`batch_size`, lowered so one noise batch holds at most MAX_BATCH_ELEMENTS values."""
+    return max(1, min(batch_size, MAX_BATCH_ELEMENTS // max(1, input_numel)))
+
+
+def noisy_batches(
+    x: torch.Tensor,
+    sigma: float,
+    num: int,
+    batch_size: int,
+    generator: torch.Generator,
+    cancel: CancelCheck | None = None,
+):
+    """Yield batches `x + σ·ε` of total size `num`, checking `cancel` before each one.
+
+    The noise tensor is drawn in place and reused as the batch itself (no second copy).
+    """
+    batch_size = effective_batch(batch_size, x.numel())
+    remaining = num
+    while remaining > 0:
+        if cancel is not None and cancel():
+            raise Cancelled()
+        this = min(batch_size, remaining)
+        batch = torch.randn(
+            (this, *x.shape), generator=generator, device=x.device, dtype=x.dtype
+        )
+        batch.mul_(sigma).add_(x)
+        yield batch
+        remaining -= this
+
+
+def sample_counts(
+    classifier: nn.Module,
+    x: torch.Tensor,
+    sigma: float,
+    num: int,
+    *,
+    num_classes: int,
+    batch_size: int,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+    cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Counts of the base classifier's hard predictions on `num` noisy copies of `x`.
+
+    `x` has the model's input shape (no batch dimension) and lives on the model's device.
+    Returns an int64 array of length `num_classes`.
+    """
+    return sample_counts_multi(
+        [classifier], [lambda b: b], x, sigma, num,
+        num_classes=num_classes, batch_size=batch_size, generator=generator,
+        progress=progress, cancel=cancel,
+    )[0]
+
+
+def sample_counts_multi(
+    classifiers: Sequence[nn.Module],
+    views: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    x: torch.Tensor,
+    sigma: float,
+    num: int,
+    *,
+    num_classes: int,
+    batch_size: int,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+    cancel: CancelCheck | None = None,
+) -> list[np.ndarray]:
+    """Counts for several classifiers that each see a `view` of the same noisy batches.
+
+    Dual smoothing uses this with the two half-image views: one noise draw per sample serves
+    both halves, which are disjoint, so each half still sees independent N(0, σ²) noise.
+    """
+    if num < 0:
+        raise ValueError("num must be ≥ 0")
+    counts = [torch.zeros(num_classes, dtype=torch.int64, device=x.device) for _ in classifiers]
+    done = 0
+    with torch.inference_mode():
+        for batch in noisy_batches(x, sigma, num, batch_size, generator, cancel):
+            for classifier, view, count in zip(classifiers, views, counts):
+                predictions = classifier(view(batch)).argmax(dim=1)
+                # index_add_ (unlike bincount) never asks the host for the output size.
+                count.index_add_(0, predictions, _ones(predictions))
+            done += batch.shape[0]
+            if progress is not None:
+                progress(done, num)
+    return [count.cpu().numpy() for count in counts]
+
+
+def _ones(predictions: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(predictions, dtype=torch.int64)
+
+
+def soft_scores(
+    classifier: nn.Module, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """ψ_σ(x) = mean_j softmax(f(x + σ·ε_j)), differentiable in σ (reparameterised noise)."""
+    logits = classifier(x.unsqueeze(0) + sigma * noise)
+    return torch.softmax(logits.float(), dim=1).mean(dim=0)
+

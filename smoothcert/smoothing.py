@@ -1,0 +1,129 @@
+"""CERTIFY and PREDICT for Gaussian smoothing (Cohen, Rosenfeld, Kolter 2019).
+
+`certify` returns, with probability ≥ 1−α over its sampling, a class cA and radius R such
+that the smoothed classifier g(x+δ) = cA for all ‖δ‖₂ < R, or an abstention. `predict`
+returns a class other than g(x) with probability at most α. Abstention is a value
+(`prediction is None`), never an exception. See ALGORITHMS.md §1 (cohen) and §2 (two_sided).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from smoothcert import bounds
+from smoothcert.results import Certificate, Prediction
+from smoothcert.sampling import (
+    CancelCheck,
+    fresh_seed,
+    make_generator,
+    sample_counts,
+)
+
+# progress(stage, samples_done, samples_total); stages: sigma_search, selection, estimation.
+StageProgress = Callable[[str, int, int], None]
+
+
+def stage(progress: StageProgress | None, name: str, offset: int = 0, total: int | None = None):
+    """Adapt a StageProgress to the sampler's (done, total) callback."""
+    if progress is None:
+        return None
+    return lambda done, num: progress(name, offset + done, total if total is not None else num)
+
+
+def seeded(seed: int | None, generator: torch.Generator | None, device) -> tuple[int | None, torch.Generator]:
+    """The (seed, generator) pair a run uses: the caller's generator, or one from `seed`."""
+    if generator is not None:
+        return seed, generator
+    seed = fresh_seed() if seed is None else int(seed)
+    return seed, make_generator(seed, device)
+
+
+def certify(
+    classifier: nn.Module,
+    x: torch.Tensor,
+    *,
+    num_classes: int,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    bound: str = "cohen",
+    batch_size: int = 1000,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: StageProgress | None = None,
+    cancel: CancelCheck | None = None,
+) -> Certificate:
+    """CERTIFY: select cA on n0 samples, bound its probability on n fresh samples.
+
+    bound="cohen": R = σ·Φ⁻¹(pA_low), pA_low at level α. bound="two_sided":
+    R = σ/2·(Φ⁻¹(pA_low) − Φ⁻¹(pB_up)), α split between the two (see bounds.two_sided_bound).
+    `x` has the model's input shape and lives on the model's device.
+    """
+    if bound not in ("cohen", "two_sided"):
+        raise bounds.InvalidParameters(f"certify takes bound cohen or two_sided, got {bound!r}")
+    bounds.check_certify(n0, n, alpha, batch_size, bound)
+    bounds.check_sigma(sigma)
+    started = time.perf_counter()
+    seed, generator = seeded(seed, generator, x.device)
+    sample = dict(num_classes=num_classes, batch_size=batch_size, generator=generator, cancel=cancel)
+
+    counts0 = sample_counts(classifier, x, sigma, n0, progress=stage(progress, "selection"), **sample)
+    c_a = int(np.argmax(counts0))
+    counts = sample_counts(classifier, x, sigma, n, progress=stage(progress, "estimation"), **sample)
+    n_a = int(counts[c_a])
+
+    extra: dict = {}
+    if bound == "cohen":
+        p_a_lower = bounds.cohen_bound(n_a, n, alpha)
+        radius = bounds.cohen_radius(sigma, p_a_lower)
+    else:
+        p_a_lower, p_b_upper, c_b = bounds.two_sided_bound(counts.tolist(), c_a, alpha)
+        radius = bounds.two_sided_radius(sigma, p_a_lower, p_b_upper)
+        extra = dict(p_b_upper=p_b_upper, runner_up=c_b)
+    return Certificate(
+        prediction=None if radius is None else c_a,
+        radius=0.0 if radius is None else radius,
+        sigma=float(sigma), bound=bound, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+        seed=seed, n_a=n_a, p_a_lower=p_a_lower, samples=n0 + n,
+        seconds=time.perf_counter() - started, **extra,
+    )
+
+
+def predict(
+    classifier: nn.Module,
+    x: torch.Tensor,
+    *,
+    num_classes: int,
+    sigma: float,
+    n: int = 10_000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: StageProgress | None = None,
+    cancel: CancelCheck | None = None,
+) -> Prediction:
+    """PREDICT: the top class of n noisy votes, or abstain when the two-sided binomial test
+    of the top two counts gives p-value > α."""
+    bounds.check_predict(n, alpha, batch_size)
+    bounds.check_sigma(sigma)
+    started = time.perf_counter()
+    seed, generator = seeded(seed, generator, x.device)
+    counts = sample_counts(
+        classifier, x, sigma, n, num_classes=num_classes, batch_size=batch_size,
+        generator=generator, progress=stage(progress, "estimation"), cancel=cancel,
+    )
+    top2 = np.argsort(-counts, kind="stable")[:2]
+    n1, n2 = int(counts[top2[0]]), int(counts[top2[1]]) if len(top2) > 1 else 0
+    p_value = bounds.predict_pvalue(n1, n2)
+    return Prediction(
+        prediction=None if p_value > alpha else int(top2[0]),
+        sigma=float(sigma), n=n, alpha=alpha, batch_size=batch_size, seed=seed,
+        n1=n1, n2=n2, p_value=p_value, samples=n, seconds=time.perf_counter() - started,
+    )
