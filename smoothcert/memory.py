@@ -79,7 +79,9 @@ def apply_rule(
     m = float(margin[j])
     if m < 0:
         return Decision(int(c[j]), _round_down(float(r[j] - d[j])), "inside", j)
-    return Decision(prediction, _round_down(m), "shrunk", j)
+    # Exactly, a conflict means m < R; with the rounding slack m may exceed R by a hair, and
+    # shrinking must never grow a radius.
+    return Decision(prediction, _round_down(min(m, float(radius))), "shrunk", j)
 
 
 def lookup(

@@ -125,3 +125,14 @@ def test_full_memory_is_an_error_not_an_eviction():
     with pytest.raises(MemoryFull, match="maximum of 1"):
         memory.commit(torch.ones(2) * 5, 1, 1.0, 0.1)
     assert len(memory) == 1
+
+
+def test_a_borderline_conflict_never_grows_the_radius():
+    """Found by the property test: at the rounding slack's edge a 'conflict' can have
+    m = d − R_j a hair above the candidate's R; shrinking must keep R, not raise it to m."""
+    memory = Memory("m", 3)
+    for x, c, r in [([0.0, 1.0, 1.0], 0, 0.0), ([0.0, 0.0, 0.0], 1, 2.0)]:
+        d = memory.decide(torch.tensor(x), c, r)
+        memory.commit(torch.tensor(x), d.prediction, d.radius, 0.1)
+    d = memory.decide(torch.tensor([0.0, 1.0, 1.0]), 0, 0.0)
+    assert d.radius == 0.0

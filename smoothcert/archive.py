@@ -1,0 +1,126 @@
+"""Reading a bundle's files safely from a directory or a zip, and its content digest.
+
+Torch-free, so the API can vet an upload and compute its digest without loading torch.
+Zips with unsafe paths, symlinks, encrypted or duplicate members, or more than the size and
+count limits are refused whole; declared sizes are not trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+from smoothcert.manifest import BundleError
+
+MAX_MEMBER_BYTES = 512 * 2**20
+MAX_TOTAL_BYTES = 2**30
+MAX_MEMBERS = 64
+_CHUNK = 2**20
+
+
+def read_bundle_files(
+    source: str | os.PathLike | bytes, *, max_member_bytes: int = MAX_MEMBER_BYTES,
+    max_total_bytes: int = MAX_TOTAL_BYTES, max_members: int = MAX_MEMBERS,
+) -> dict[str, bytes]:
+    """The top-level files of a bundle directory or zip (path or bytes), name → content.
+
+    A zip whose files all sit under one folder is read from that folder. Zips with absolute
+    or `..` paths, symlinks, duplicate or encrypted members, or more than the size and count
+    limits are refused whole. A directory is the caller's own: its symlinks are followed,
+    its dot-files (.DS_Store, save_bundle's temporaries) skipped.
+    """
+    limits = (max_member_bytes, max_total_bytes)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _read_zip(io.BytesIO(bytes(source)), max_members, limits)
+    path = os.fspath(source)
+    if os.path.isfile(path):
+        with open(path, "rb") as fh:
+            return _read_zip(fh, max_members, limits)
+    if not os.path.isdir(path):
+        raise BundleError(f"no bundle at {path!r}: give a directory or a .zip")
+    entries = [e for e in os.scandir(path) if e.is_file() and not e.name.startswith(".")]
+    if len(entries) > max_members:
+        raise BundleError(f"bundle directory holds more than {max_members} files")
+    return _read_members({e.name: (e.stat().st_size, lambda p=e.path: open(p, "rb"))
+                          for e in entries}, *limits)
+
+
+def _read_members(members: dict[str, tuple[int, Any]], max_member_bytes: int,
+                  max_total_bytes: int) -> dict[str, bytes]:
+    """Read name → (declared size, opener), refusing anything over the limits."""
+    for name, (size, _) in members.items():
+        if size > max_member_bytes:
+            raise BundleError(f"bundle member {name!r} is larger than {max_member_bytes} bytes")
+    if sum(size for size, _ in members.values()) > max_total_bytes:
+        raise BundleError(f"bundle files total more than {max_total_bytes} bytes")
+    files, total = {}, 0
+    for name, (_, opener) in sorted(members.items()):
+        parts, size = [], 0
+        with opener() as fh:  # declared sizes may lie: count the bytes as they come
+            while chunk := fh.read(_CHUNK):
+                size, total = size + len(chunk), total + len(chunk)
+                if size > max_member_bytes or total > max_total_bytes:
+                    raise BundleError(f"bundle member {name!r} is larger than declared and "
+                                      "than the size limits")
+                parts.append(chunk)
+        files[name] = b"".join(parts)
+    return files
+
+
+def _read_zip(fh: Any, max_members: int, limits: tuple[int, int]) -> dict[str, bytes]:
+    try:
+        with zipfile.ZipFile(fh) as zf:
+            infos = zf.infolist()
+            if len(infos) > max_members:
+                raise BundleError(f"bundle zip has {len(infos)} members, at most {max_members}")
+            if len({i.filename for i in infos}) < len(infos):
+                raise BundleError("bundle zip holds a member name twice")
+            for info in infos:
+                name, parts = info.filename, info.filename.replace("\\", "/").split("/")
+                if name.startswith(("/", "\\")) or ":" in name or ".." in parts or "\0" in name:
+                    raise BundleError(f"bundle zip member {name!r} has an unsafe path")
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise BundleError(f"bundle zip member {name!r} is a symbolic link")
+                if info.flag_bits & 0x1:
+                    raise BundleError(f"bundle zip member {name!r} is encrypted")
+            names = [i.filename for i in infos
+                     if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
+            prefix = ""  # `zip -r b.zip digits/` puts every file under digits/
+            if "model.json" not in names and len({n.split("/")[0] for n in names}) == 1 \
+                    and all("/" in n for n in names):
+                prefix = names[0].split("/")[0] + "/"
+            chosen = {n[len(prefix):]: zf.getinfo(n) for n in names
+                      if n.startswith(prefix) and "/" not in n[len(prefix):]}
+            openers = {n: (i.file_size, lambda i=i: zf.open(i)) for n, i in chosen.items()}
+            return _read_members(openers, *limits)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, OSError, EOFError) as e:
+        raise BundleError(f"bundle is neither a directory nor a readable zip ({e})") from None
+
+
+def bundle_digest(files: Mapping[str, bytes]) -> str:
+    """"sha256:<hex>" over (name, NUL, 8-byte big-endian length, content), sorted by name."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        data = files[name]
+        h.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "big"))
+        h.update(data)
+    return "sha256:" + h.hexdigest()
+
+
+def zip_bundle(directory: str | os.PathLike) -> bytes:
+    """A deterministic zip of a bundle directory: sorted, fixed timestamps and modes, stored
+    uncompressed (weights barely deflate and deflating hundreds of MB takes seconds)."""
+    if not os.path.isdir(directory):
+        raise BundleError(f"{os.fspath(directory)!r} is not a directory")
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in sorted(read_bundle_files(directory).items()):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.create_system, info.external_attr = 3, (stat.S_IFREG | 0o644) << 16
+            zf.writestr(info, data)
+    return out.getvalue()

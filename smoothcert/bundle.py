@@ -1,0 +1,306 @@
+"""Model bundles: `model.json` plus a network, as a directory or a .zip of it.
+
+Format (docs/DESIGN.md, "Model bundles"): `model.json` and either `model.pt2` (a
+`torch.export` program with a dynamic batch dimension) or `"architecture"` plus `weights.pt`
+(a state dict); `kind: "drs"` bundles hold `left.*` and `right.*`, each taking a half-image
+`[C, H, W/2]`. Guarantees of `load_bundle`:
+
+- nothing from the bundle is unpickled beyond tensors: state dicts go through
+  `torch.load(weights_only=True)`, and a `.pt2` archive is vetted first (`smoothcert.pt2check`),
+  because `torch.export.load` itself falls back to full pickle, runs AOTInductor libraries,
+  evaluates guard code and `sympify`s shape expressions;
+- every network maps `[B, *network_shape]` in [0,1] pixel space (`Normalize` prepended when
+  `normalize` is given) to logits `[B, num_classes]`, gives each image the same logits
+  whatever else is in the batch, and is in eval mode with gradients off;
+- `digest` is "sha256:" over the files used (name, NUL, 8-byte big-endian length,
+  content; sorted by name), so a directory and its zip have the same digest.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from smoothcert.architectures import Normalize, build_architecture
+from smoothcert.archive import bundle_digest, read_bundle_files, zip_bundle
+from smoothcert.manifest import BundleError, ModelSpec, SigmaRange
+from smoothcert.pt2check import check_pt2
+
+__all__ = [
+    "Bundle", "BundleError", "ModelSpec", "SigmaRange", "bundle_digest", "load_bundle",
+    "read_bundle_files", "save_bundle", "zip_bundle",
+]
+
+_NETWORK_FILES = ("model.pt2", "weights.pt", "left.pt2", "right.pt2", "left.pt", "right.pt")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded bundle: `classifier` (standard) or `left`/`right` (drs), in eval mode."""
+
+    spec: ModelSpec
+    digest: str
+    classifier: nn.Module | None = None
+    left: nn.Module | None = None
+    right: nn.Module | None = None
+
+    @property
+    def networks(self) -> tuple[nn.Module, ...]:
+        """(classifier,) or (left, right)."""
+        return (self.classifier,) if self.spec.kind == "standard" else (self.left, self.right)
+
+    def to(self, device: str | torch.device) -> Bundle:
+        """A new Bundle on `device`; this one is untouched (its modules are copied first).
+
+        For .pt2 networks whose graph creates tensors on a fixed device, prefer
+        `load_bundle(..., device=...)`, which also rewrites those devices."""
+        moved = {k: _frozen(copy.deepcopy(m).to(device)) for k in ("classifier", "left", "right")
+                 if (m := getattr(self, k)) is not None}
+        return dataclasses.replace(self, **moved)
+
+
+class _ExportedNetwork(nn.Module):
+    """An unlifted torch.export program. Its train/eval behaviour was fixed at export and the
+    GraphModule refuses .train()/.eval(), so here they only set the flag (callers may call them)."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> _ExportedNetwork:
+        self.training = mode
+        return self
+
+
+# ---------------------------------------------------------------- loading networks
+
+
+def _is_torchscript(data: bytes) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def _torchscript_error(fname: str) -> BundleError:
+    return BundleError(f"{fname} is TorchScript, which bundles do not accept: export the network "
+                       "with torch.export.export(net.eval(), ...) and torch.export.save it as "
+                       "model.pt2, or use smoothcert.bundle.save_bundle(..., fmt='pt2')")
+
+
+def _load_pt2(data: bytes, fname: str, device: torch.device) -> nn.Module:
+    if _is_torchscript(data):
+        raise _torchscript_error(fname)
+    check_pt2(data, fname)
+    try:
+        ep = torch.export.load(io.BytesIO(data))
+    except Exception as e:
+        raise BundleError(f"{fname} could not be loaded as a torch.export program ({e})") from None
+    users = ep.graph_signature.user_inputs
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in users]
+    if len(vals) != 1 or not isinstance(vals[0], torch.Tensor) or vals[0].dim() == 0 \
+            or not isinstance(vals[0].shape[0], torch.SymInt):
+        raise BundleError(f"{fname} must take one image batch with a dynamic batch dimension: "
+                          "export with dynamic_shapes=({0: torch.export.Dim('batch')},)")
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        ep = move_to_device_pass(ep, device)
+    return _ExportedNetwork(ep.module())
+
+
+def _load_state_dict(spec: ModelSpec, data: bytes, fname: str) -> nn.Module:
+    if _is_torchscript(data):
+        raise _torchscript_error(fname)
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        # Name the offending class, but not torch's advice to allowlist it: we never will.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" such as {found.group(1)}" if found else ""
+        raise BundleError(f"{fname} must be a state dict of tensors, but it pickles other objects"
+                          f"{what} (a whole nn.Module saved with torch.save(model)?); save it "
+                          "with torch.save(model.state_dict(), ...)") from None
+    except Exception as e:
+        raise BundleError(f"{fname} could not be read as a torch.save state dict ({e})") from None
+    if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        hint = " (it looks like a checkpoint: save its 'state_dict' entry)" \
+            if isinstance(state, Mapping) and "state_dict" in state else ""
+        raise BundleError(f"{fname} must be a state dict mapping names to tensors{hint}")
+    try:
+        net = build_architecture(spec.architecture, spec.network_shape, spec.num_classes,
+                                 **spec.architecture_args)
+    except Exception as e:
+        raise BundleError(f"model.json: architecture {spec.architecture!r} cannot be built for "
+                          f"input {list(spec.network_shape)} ({e})") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"{fname} does not fit architecture {spec.architecture!r}: {e}") from None
+    return net
+
+
+def _frozen(net: nn.Module) -> nn.Module:
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _check_network(net: nn.Module, spec: ModelSpec, what: str, device: torch.device,
+                   thorough: bool = True) -> None:
+    """Finite logits of shape [2, K]; if thorough, also per image: an image's logits must not
+    depend on its batch-mates or change between calls (Monte Carlo samples must be i.i.d.)."""
+    shape, k = spec.network_shape, spec.num_classes
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        with torch.no_grad():
+            zero = net(torch.zeros(2, *shape, device=device))
+            if not isinstance(zero, torch.Tensor) or tuple(zero.shape) != (2, k):
+                got = list(zero.shape) if isinstance(zero, torch.Tensor) else type(zero).__name__
+                raise BundleError(f"{what} maps a batch {[2, *shape]} to {got}, "
+                                  f"not logits [2, {k}] (num_classes)")
+            if thorough:
+                pair, first, again = net(x), net(x[:1]), net(x)
+    except BundleError:
+        raise
+    except Exception as e:
+        raise BundleError(f"{what} fails on a batch of shape {[2, *shape]}: "
+                          f"{type(e).__name__}: {e}") from None
+    if not zero.is_floating_point() or not torch.isfinite(zero).all():
+        raise BundleError(f"{what} gives non-finite or non-float logits for a blank image")
+    if not thorough:
+        return
+    tol = 1e-3 * (1.0 + pair.abs().max().item())  # room for TF32 and batch-size kernels
+    if (pair[:1] - first).abs().max() > tol or (pair - again).abs().max() > tol:
+        raise BundleError(f"{what} gives an image different logits depending on its batch or "
+                          "from call to call (BatchNorm in train mode? dropout?): save it in "
+                          "eval mode")
+
+
+def _network_names(kind: str, fmt: str) -> list[str]:
+    roles = ["model"] if kind == "standard" else ["left", "right"]
+    if fmt == "pt2":
+        return [f"{r}.pt2" for r in roles]
+    return ["weights.pt"] if kind == "standard" else ["left.pt", "right.pt"]
+
+
+def _choose_network_files(spec: ModelSpec, files: Mapping[str, bytes]) -> list[str]:
+    pt2, sd = _network_names(spec.kind, "pt2"), _network_names(spec.kind, "state_dict")
+    wanted, other = (sd, pt2) if spec.architecture is not None else (pt2, sd)
+    has_wanted, has_other = all(n in files for n in wanted), [n for n in other if n in files]
+    if has_wanted and not has_other:
+        return wanted
+    if has_wanted:
+        raise BundleError(f"bundle holds both {wanted} and {has_other}: keep one network form")
+    if legacy := [n for n in sorted(files) if _is_torchscript(files[n])]:
+        raise _torchscript_error(legacy[0])
+    if has_other:
+        raise BundleError(
+            f"model.json {'names' if spec.architecture else 'has no'} 'architecture', so the "
+            f"bundle needs {', '.join(wanted)}, not {', '.join(has_other)}: "
+            + ("drop 'architecture' to use them" if spec.architecture else "add 'architecture'"))
+    raise BundleError(f"bundle lacks {', '.join(n for n in wanted if n not in files)}: a "
+                      f"{spec.kind} bundle holds {', '.join(pt2)} (torch.export programs) or "
+                      f"'architecture' in model.json plus {', '.join(sd)} (state dicts)")
+
+
+def load_bundle(source: str | os.PathLike | bytes, *, device: str | torch.device = "cpu") -> Bundle:
+    """Read, validate and load a bundle (directory, zip path or zip bytes); see module doc."""
+    device = torch.device(device)
+    files = read_bundle_files(source)
+    if "model.json" not in files:
+        raise BundleError(f"bundle has no model.json at its top level (found {sorted(files)})")
+    try:
+        raw = json.loads(files["model.json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"model.json is not valid UTF-8 JSON ({e})") from None
+    spec = ModelSpec.from_json(raw)
+    names = _choose_network_files(spec, files)
+    digest = bundle_digest({n: files[n] for n in ["model.json", *names]})
+    nets = []
+    for name in names:
+        if spec.architecture is None:
+            net = _load_pt2(files[name], name, device)
+        else:
+            net = _load_state_dict(spec, files[name], name)
+        if spec.normalize is not None:  # noise is added in pixel space, before normalising
+            net = nn.Sequential(Normalize(*spec.normalize), net)
+        net = _frozen(net.to(device))
+        _check_network(net, spec, name, device)
+        nets.append(net)
+    if spec.kind == "standard":
+        return Bundle(spec=spec, digest=digest, classifier=nets[0])
+    return Bundle(spec=spec, digest=digest, left=nets[0], right=nets[1])
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec,
+                networks: nn.Module | tuple[nn.Module, nn.Module], *, fmt: str = "pt2") -> str:
+    """Write a bundle to `out_dir` (replacing any bundle files there); returns its digest.
+
+    `networks`: one module (standard) or (left, right) (drs), each expecting normalised input
+    of `spec.network_shape`; they are copied to the CPU and not modified. fmt="pt2" exports
+    with a dynamic batch dimension (and writes no 'architecture'); fmt="state_dict" needs
+    `spec.architecture` and checks the weights fit it.
+    """
+    if fmt not in ("pt2", "state_dict"):
+        raise BundleError(f"fmt must be 'pt2' or 'state_dict', got {fmt!r}")
+    nets = (networks,) if isinstance(networks, nn.Module) else tuple(networks)
+    if len(nets) != (1 if spec.kind == "standard" else 2) \
+            or not all(isinstance(n, nn.Module) for n in nets):
+        raise BundleError(f"a {spec.kind} bundle needs " + (
+            "one nn.Module" if spec.kind == "standard" else "a (left, right) pair of nn.Modules"))
+    if fmt == "state_dict" and spec.architecture is None:
+        raise BundleError("fmt='state_dict' needs spec.architecture (the network to rebuild)")
+    if fmt == "pt2":  # the program carries its own graph
+        spec = dataclasses.replace(spec, architecture=None, architecture_args={})
+    shape = spec.network_shape
+    files: dict[str, bytes] = {}
+    for name, net in zip(_network_names(spec.kind, fmt), nets):
+        net = copy.deepcopy(net).cpu().eval()
+        _check_network(net, spec, name, torch.device("cpu"), thorough=False)  # load checks all
+        buf = io.BytesIO()
+        if fmt == "pt2":
+            program = torch.export.export(net, (torch.zeros(2, *shape),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.export.save(program, buf)
+        else:
+            state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            try:
+                build_architecture(spec.architecture, shape, spec.num_classes,
+                                   **spec.architecture_args).load_state_dict(state, strict=True)
+            except Exception as e:
+                raise BundleError(f"{name}: the network does not fit architecture "
+                                  f"{spec.architecture!r}: {e}") from None
+            torch.save(state, buf)
+        files[name] = buf.getvalue()
+    files["model.json"] = (json.dumps(spec.to_json(), indent=2) + "\n").encode("utf-8")
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in set(_NETWORK_FILES) - set(files):  # another form would make the bundle ambiguous
+        if os.path.isfile(path := os.path.join(out_dir, stale)):
+            os.remove(path)
+    for name, data in files.items():  # write-then-rename: a reader never sees half a file
+        tmp = os.path.join(out_dir, f".{name}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, os.path.join(out_dir, name))
+    return bundle_digest(files)

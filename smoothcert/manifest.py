@@ -1,0 +1,180 @@
+"""`model.json`: the validated description of a model bundle (DESIGN.md, "Model bundles").
+
+Torch-free (standard library only), so the API can check an uploaded bundle's manifest
+without loading torch. Every refusal is a BundleError whose message names the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_INPUT_ELEMENTS = 2**24  # C·H·W; bounds the probe batches a model.json can make us allocate
+MAX_CLASSES = 100_000  # bounds the default label list a model.json can make us build
+
+
+class BundleError(ValueError):
+    """A bundle was refused; the message says what to change."""
+
+
+def _bad(field_name: str, problem: str) -> BundleError:
+    return BundleError(f"model.json: {field_name!r} {problem}")
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _bad(name, f"must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _keys(obj: Any, name: str, allowed: set[str], required: set[str]) -> dict:
+    if not isinstance(obj, dict):
+        raise _bad(name, f"must be a JSON object, got {type(obj).__name__}")
+    if unknown := sorted(set(obj) - allowed):
+        raise _bad(name, f"has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    if missing := sorted(required - set(obj)):
+        raise _bad(name, f"lacks required key(s) {missing}")
+    return obj
+
+
+@dataclass(frozen=True)
+class SigmaRange:
+    """Noise levels a model accepts: finite, 0 < min ≤ default ≤ max."""
+
+    default: float
+    min: float
+    max: float
+
+    def __post_init__(self) -> None:
+        for key in ("default", "min", "max"):
+            object.__setattr__(self, key, _number(getattr(self, key), f"sigma.{key}"))
+        if not 0 < self.min <= self.default <= self.max:
+            raise _bad("sigma", f"needs 0 < min <= default <= max, got min={self.min}, "
+                       f"default={self.default}, max={self.max}")
+
+
+_SPEC_KEYS = {"name", "kind", "input_shape", "num_classes", "labels", "sigma", "normalize",
+              "architecture", "architecture_args"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The validated content of `model.json`; construction checks every invariant."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    sigma: SigmaRange
+    kind: str = "standard"
+    labels: tuple[str, ...] | None = None  # None: str(i) for each class
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std)
+    architecture: str | None = None
+    architecture_args: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen)
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise _bad("name", "must be 1-128 letters, digits, '.', '_' or '-' (used in URLs), "
+                       f"starting with a letter or digit; got {self.name!r}")
+        if self.kind not in ("standard", "drs"):
+            raise _bad("kind", f"must be 'standard' or 'drs', got {self.kind!r}")
+        shape = self.input_shape
+        if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+            raise _bad("input_shape", f"must be [C, H, W], got {shape!r}")
+        put("input_shape", tuple(_integer(s, "input_shape", 1, MAX_INPUT_ELEMENTS) for s in shape))
+        if math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+            raise _bad("input_shape", f"has more than {MAX_INPUT_ELEMENTS} elements")
+        if self.kind == "drs" and self.input_shape[2] % 2:
+            raise _bad("input_shape", f"width must be even for kind 'drs', got {shape!r}")
+        _integer(self.num_classes, "num_classes", 2, MAX_CLASSES)
+        if not isinstance(self.sigma, SigmaRange):
+            raise _bad("sigma", "must be a SigmaRange")
+        labels = self.labels
+        if labels is None:
+            labels = tuple(str(i) for i in range(self.num_classes))
+        if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
+            raise _bad("labels", "must be a list of strings")
+        if len(labels) != self.num_classes or len(set(labels)) != len(labels):
+            raise _bad("labels", f"must hold {self.num_classes} distinct strings (num_classes), "
+                       f"got {len(labels)} with {len(set(labels))} distinct")
+        put("labels", tuple(labels))
+        if self.normalize is not None:
+            mean, std = (tuple(_number(v, "normalize") for v in part) for part in self.normalize)
+            if len(mean) != self.input_shape[0] or len(std) != self.input_shape[0]:
+                raise _bad("normalize", f"needs one mean and one std per channel "
+                           f"({self.input_shape[0]}), got {len(mean)} and {len(std)}")
+            if any(s <= 0 for s in std):
+                raise _bad("normalize", f"std must be positive, got {list(std)}")
+            put("normalize", (mean, std))
+        if self.architecture is not None and (not isinstance(self.architecture, str)
+                                              or not self.architecture):
+            raise _bad("architecture", f"must be a non-empty string, got {self.architecture!r}")
+        if not isinstance(self.architecture_args, dict):
+            raise _bad("architecture_args", "must be a JSON object")
+        if self.architecture_args and self.architecture is None:
+            raise _bad("architecture_args", "is only meaningful with 'architecture'")
+        try:  # a private copy, and proof that to_json can write it
+            put("architecture_args", json.loads(json.dumps(self.architecture_args)))
+        except (TypeError, ValueError) as e:
+            raise _bad("architecture_args", f"must be JSON-serialisable ({e})") from None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ModelSpec:
+        """Parse model.json's object; any problem is a BundleError naming the field."""
+        obj = _keys(obj, "model.json", _SPEC_KEYS, {"name", "input_shape", "num_classes", "sigma"})
+        sigma = _keys(obj["sigma"], "sigma", {"default", "min", "max"}, {"default"})
+        default = _number(sigma["default"], "sigma.default")
+        labels = obj.get("labels")
+        if labels is not None and not isinstance(labels, list):
+            raise _bad("labels", "must be a list of strings")
+        normalize = obj.get("normalize")
+        if normalize is not None:
+            normalize = _keys(normalize, "normalize", {"mean", "std"}, {"mean", "std"})
+            if not all(isinstance(normalize[k], list) for k in ("mean", "std")):
+                raise _bad("normalize", "mean and std must be lists of numbers")
+            normalize = (normalize["mean"], normalize["std"])
+        return cls(
+            name=obj["name"], kind=obj.get("kind", "standard"), input_shape=obj["input_shape"],
+            num_classes=obj["num_classes"], labels=labels, normalize=normalize,
+            sigma=SigmaRange(default, sigma.get("min", default), sigma.get("max", default)),
+            architecture=obj.get("architecture"),
+            architecture_args=obj.get("architecture_args", {}),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The model.json object; `ModelSpec.from_json(spec.to_json()) == spec`."""
+        out: dict[str, Any] = {
+            "name": self.name, "kind": self.kind, "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes, "labels": list(self.labels),
+            "sigma": {"default": self.sigma.default, "min": self.sigma.min, "max": self.sigma.max},
+        }
+        if self.normalize is not None:
+            out["normalize"] = {"mean": list(self.normalize[0]), "std": list(self.normalize[1])}
+        if self.architecture is not None:
+            out["architecture"] = self.architecture
+            out["architecture_args"] = copy.deepcopy(self.architecture_args)
+        return out
+
+    @property
+    def half_shape(self) -> tuple[int, int, int]:
+        """(C, H, W/2): the input of each DRS half-network."""
+        c, h, w = self.input_shape
+        if w % 2:
+            raise BundleError(f"input width {w} is odd: DRS needs an even width")
+        return (c, h, w // 2)
+
+    @property
+    def network_shape(self) -> tuple[int, int, int]:
+        """The per-image shape each network of the bundle takes."""
+        return self.input_shape if self.kind == "standard" else self.half_shape
