@@ -215,10 +215,10 @@ def _load_npy(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(fp)
         else:
             # 2.0 and 3.0 share the layout (3.0 only allows utf-8 field names).
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fp)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise ImageError(f"corrupt .npy header: {exc}") from None
     _check_dtype(dtype)
@@ -248,8 +248,8 @@ def _check_dtype(dtype: np.dtype) -> None:
         raise ImageError(f"bool arrays are refused: send {_ACCEPTED_DTYPES}")
     if dtype.kind in "iu":
         raise ImageError(
-            f"{dtype.name} arrays are refused (only 8-bit integers have a known pixel "
-            f"scale): send {_ACCEPTED_DTYPES}"
+            f"{dtype.name} arrays are refused (of the integer types only uint8 has a known "
+            f"pixel scale): send {_ACCEPTED_DTYPES}"
         )
     raise ImageError(f"dtype {dtype} is refused: send {_ACCEPTED_DTYPES}")
 
