@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
 from smoothcert import bounds
 from smoothcert.results import Certificate
-from smoothcert.sampling import CancelCheck, sample_counts_multi
-from smoothcert.smoothing import StageProgress, seeded, stage
+from smoothcert.sampling import CancelCheck
+from smoothcert.smoothing import StageProgress, issue, seeded, select_and_estimate
 
 
 def _columns(height: int, width: int, parity: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,19 +75,16 @@ def certify_drs(
     bounds.check_sigma(sigma)
     started = time.perf_counter()
     seed, generator = seeded(seed, generator, x.device)
-    nets, views = (left, right), (lambda b: split_half(b, 0), lambda b: split_half(b, 1))
-    sample = dict(num_classes=num_classes, batch_size=batch_size, generator=generator, cancel=cancel)
-
-    counts0 = sample_counts_multi(nets, views, x, sigma, n0, progress=stage(progress, "selection"), **sample)
-    c_a = int(np.argmax(counts0[0] + counts0[1]))
-    counts = sample_counts_multi(nets, views, x, sigma, n, progress=stage(progress, "estimation"), **sample)
+    c_a, counts = select_and_estimate(
+        (left, right), (lambda b: split_half(b, 0), lambda b: split_half(b, 1)), x, sigma, n0, n,
+        num_classes=num_classes, batch_size=batch_size, generator=generator,
+        progress=progress, cancel=cancel,
+    )
     n_a = (int(counts[0][c_a]), int(counts[1][c_a]))
     p_low = bounds.drs_bounds(n_a[0], n_a[1], n, alpha)
     radius = bounds.drs_radius(sigma, *p_low)
-    return Certificate(
-        prediction=None if radius is None else c_a,
-        radius=0.0 if radius is None else radius,
-        sigma=float(sigma), bound="drs", n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+    return issue(
+        c_a, radius, sigma=float(sigma), bound="drs", n0=n0, n=n, alpha=alpha, batch_size=batch_size,
         seed=seed, n_a_halves=n_a, p_a_lower_halves=p_low, samples=n0 + n,
         seconds=time.perf_counter() - started,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 OUTCOMES = ("new", "inside", "shrunk")
 
@@ -41,8 +41,26 @@ class MemoryRecord:
     conflict: int | None  # index of the entry that decided "inside" or "shrunk"
 
 
+class _Answer:
+    """What certificates and predictions share: abstention as a value, copy, plain dict."""
+
+    prediction: int | None
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction is None
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["abstained"] = self.abstained
+        return out
+
+
 @dataclass(frozen=True)
-class Certificate:
+class Certificate(_Answer):
     """A certified prediction: class and ℓ2 radius, or an abstention (prediction None).
 
     `bound` is "cohen", "two_sided" or "drs"; the fields that belong to other bounds are
@@ -71,21 +89,9 @@ class Certificate:
     samples: int = 0  # forward passes spent in all (search + n0 + n)
     seconds: float = 0.0
 
-    @property
-    def abstained(self) -> bool:
-        return self.prediction is None
-
-    def replace(self, **changes: Any) -> Certificate:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["abstained"] = self.abstained
-        return out
-
 
 @dataclass(frozen=True)
-class Prediction:
+class Prediction(_Answer):
     """PREDICT's answer: the smoothed class, or an abstention (prediction None).
 
     With probability ≥ 1−α the answer is not a class other than g(x).
@@ -105,15 +111,3 @@ class Prediction:
     numeric_mode: str = "fp32"
     samples: int = 0
     seconds: float = 0.0
-
-    @property
-    def abstained(self) -> bool:
-        return self.prediction is None
-
-    def replace(self, **changes: Any) -> Prediction:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["abstained"] = self.abstained
-        return out

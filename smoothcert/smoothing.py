@@ -9,7 +9,7 @@ returns a class other than g(x) with probability at most α. Abstention is a val
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from smoothcert.sampling import (
     fresh_seed,
     make_generator,
     sample_counts,
+    sample_counts_multi,
 )
 
 # progress(stage, samples_done, samples_total); stages: sigma_search, selection, estimation.
@@ -41,6 +42,35 @@ def seeded(seed: int | None, generator: torch.Generator | None, device) -> tuple
         return seed, generator
     seed = fresh_seed() if seed is None else int(seed)
     return seed, make_generator(seed, device)
+
+
+def _whole(batch: torch.Tensor) -> torch.Tensor:
+    return batch
+
+
+def select_and_estimate(
+    networks: Sequence[nn.Module],
+    views: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    x: torch.Tensor,
+    sigma: float,
+    n0: int,
+    n: int,
+    **sample,
+) -> tuple[int, list[np.ndarray]]:
+    """CERTIFY's two samples: cA = argmax of the selection counts summed over the networks
+    (n0 samples), then each network's counts on n *fresh* samples (never the selection's)."""
+    progress = sample.pop("progress", None)
+    counts0 = sample_counts_multi(networks, views, x, sigma, n0, progress=stage(progress, "selection"), **sample)
+    c_a = int(np.argmax(sum(counts0)))
+    counts = sample_counts_multi(networks, views, x, sigma, n, progress=stage(progress, "estimation"), **sample)
+    return c_a, counts
+
+
+def issue(c_a: int, radius: float | None, **fields) -> Certificate:
+    """The certificate for cA at `radius`, or an abstention (prediction None, radius 0) when
+    the bound gave no radius."""
+    return Certificate(prediction=None if radius is None else c_a,
+                       radius=0.0 if radius is None else radius, **fields)
 
 
 def certify(
@@ -71,11 +101,10 @@ def certify(
     bounds.check_sigma(sigma)
     started = time.perf_counter()
     seed, generator = seeded(seed, generator, x.device)
-    sample = dict(num_classes=num_classes, batch_size=batch_size, generator=generator, cancel=cancel)
-
-    counts0 = sample_counts(classifier, x, sigma, n0, progress=stage(progress, "selection"), **sample)
-    c_a = int(np.argmax(counts0))
-    counts = sample_counts(classifier, x, sigma, n, progress=stage(progress, "estimation"), **sample)
+    c_a, (counts,) = select_and_estimate(
+        [classifier], [_whole], x, sigma, n0, n, num_classes=num_classes,
+        batch_size=batch_size, generator=generator, progress=progress, cancel=cancel,
+    )
     n_a = int(counts[c_a])
 
     extra: dict = {}
@@ -86,11 +115,9 @@ def certify(
         p_a_lower, p_b_upper, c_b = bounds.two_sided_bound(counts.tolist(), c_a, alpha)
         radius = bounds.two_sided_radius(sigma, p_a_lower, p_b_upper)
         extra = dict(p_b_upper=p_b_upper, runner_up=c_b)
-    return Certificate(
-        prediction=None if radius is None else c_a,
-        radius=0.0 if radius is None else radius,
-        sigma=float(sigma), bound=bound, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
-        seed=seed, n_a=n_a, p_a_lower=p_a_lower, samples=n0 + n,
+    return issue(
+        c_a, radius, sigma=float(sigma), bound=bound, n0=n0, n=n, alpha=alpha,
+        batch_size=batch_size, seed=seed, n_a=n_a, p_a_lower=p_a_lower, samples=n0 + n,
         seconds=time.perf_counter() - started, **extra,
     )
 
