@@ -53,13 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 def certify_local(args: argparse.Namespace) -> int:
     # Imported here so `smoothcert --help` stays fast.
     from smoothcert.bundle import load_bundle
-    from smoothcert.certifier import Certifier
+    from smoothcert.certifier import Certifier, default_device
     from smoothcert.imageio import load_inputs
     from smoothcert.progress import ProgressBar
     from smoothcert.sampling import derive_seed
     from smoothcert.sigma import SigmaSearch
 
-    certifier = Certifier(load_bundle(args.model), device=args.device)
+    # Load straight onto the device: a .pt2 graph may name devices that only load_bundle rewrites.
+    device = args.device or default_device()
+    certifier = Certifier(load_bundle(args.model, device=device), device=device)
     items = load_inputs(args.inputs, certifier.spec.input_shape)
     search = None
     if args.sigma_search:
