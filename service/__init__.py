@@ -1,0 +1,1 @@
+"""The smoothcert HTTP API (FastAPI). Never imports torch or the workers."""
