@@ -1,11 +1,11 @@
-# Two entry points for a fresh machine: `make test` (and, with the service, `make up`).
+# Two entry points for a fresh machine: `make up` (the service, locally) and `make test`.
 # Both create or reuse the virtual environment below and install what they need.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench clean redis-server
+.PHONY: test up bench clean redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ redis-server:
 
 test: $(STAMP) redis-server
 	$(PY) -m pytest
+
+# The whole service on this machine with the bundled demo model (Ctrl-C stops it).
+up: $(STAMP) redis-server
+	$(VENV)/bin/smoothcert up
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler.py

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import stat
 import zipfile
 from collections.abc import Mapping
 from typing import Any
 
-from smoothcert.manifest import BundleError
+from smoothcert.manifest import BundleError, ModelSpec
 
 MAX_MEMBER_BYTES = 512 * 2**20
 MAX_TOTAL_BYTES = 2**30
 MAX_MEMBERS = 64
 _CHUNK = 2**20
+NETWORK_FILES = ("model.pt2", "weights.pt", "left.pt2", "right.pt2", "left.pt", "right.pt")
 
 
 def read_bundle_files(
@@ -124,3 +126,66 @@ def zip_bundle(directory: str | os.PathLike) -> bytes:
             info.create_system, info.external_attr = 3, (stat.S_IFREG | 0o644) << 16
             zf.writestr(info, data)
     return out.getvalue()
+
+
+# ------------------------------------------------------------ which files are the model
+
+
+def is_torchscript(data: bytes) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def torchscript_error(fname: str) -> BundleError:
+    return BundleError(f"{fname} is TorchScript, which bundles do not accept: export the network "
+                       "with torch.export.export(net.eval(), ...) and torch.export.save it as "
+                       "model.pt2, or use smoothcert.bundle.save_bundle(..., fmt='pt2')")
+
+
+def network_names(kind: str, fmt: str) -> list[str]:
+    """The network file names of a `kind` bundle saved as `fmt` ("pt2" or "state_dict")."""
+    roles = ["model"] if kind == "standard" else ["left", "right"]
+    if fmt == "pt2":
+        return [f"{r}.pt2" for r in roles]
+    return ["weights.pt"] if kind == "standard" else ["left.pt", "right.pt"]
+
+
+def network_files(spec: ModelSpec, files: Mapping[str, bytes]) -> list[str]:
+    pt2, sd = network_names(spec.kind, "pt2"), network_names(spec.kind, "state_dict")
+    wanted, other = (sd, pt2) if spec.architecture is not None else (pt2, sd)
+    has_wanted, has_other = all(n in files for n in wanted), [n for n in other if n in files]
+    if has_wanted and not has_other:
+        return wanted
+    if has_wanted:
+        raise BundleError(f"bundle holds both {wanted} and {has_other}: keep one network form")
+    if legacy := [n for n in sorted(files) if is_torchscript(files[n])]:
+        raise torchscript_error(legacy[0])
+    if has_other:
+        raise BundleError(
+            f"model.json {'names' if spec.architecture else 'has no'} 'architecture', so the "
+            f"bundle needs {', '.join(wanted)}, not {', '.join(has_other)}: "
+            + ("drop 'architecture' to use them" if spec.architecture else "add 'architecture'"))
+    raise BundleError(f"bundle lacks {', '.join(n for n in wanted if n not in files)}: a "
+                      f"{spec.kind} bundle holds {', '.join(pt2)} (torch.export programs) or "
+                      f"'architecture' in model.json plus {', '.join(sd)} (state dicts)")
+
+
+def inspect_bundle(files: Mapping[str, bytes]) -> tuple[ModelSpec, list[str], str]:
+    """(spec, network file names, digest) of a bundle's files, without loading anything.
+
+    The digest covers model.json and the network files the loader uses, nothing else (a
+    README beside them does not change which model this is). The registry and the loader
+    both name a bundle by it.
+    """
+    if "model.json" not in files:
+        raise BundleError(f"bundle has no model.json at its top level (found {sorted(files)})")
+    try:
+        raw = json.loads(files["model.json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"model.json is not valid UTF-8 JSON ({e})") from None
+    spec = ModelSpec.from_json(raw)
+    names = network_files(spec, files)
+    return spec, names, bundle_digest({n: files[n] for n in ["model.json", *names]})

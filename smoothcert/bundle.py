@@ -25,7 +25,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,7 +32,10 @@ import torch
 from torch import nn
 
 from smoothcert.architectures import Normalize, build_architecture
-from smoothcert.archive import bundle_digest, read_bundle_files, zip_bundle
+from smoothcert.archive import (
+    NETWORK_FILES, bundle_digest, inspect_bundle, is_torchscript, network_names, read_bundle_files,
+    torchscript_error, zip_bundle,
+)
 from smoothcert.manifest import BundleError, ModelSpec, SigmaRange
 from smoothcert.pt2check import check_pt2
 
@@ -41,9 +43,6 @@ __all__ = [
     "Bundle", "BundleError", "ModelSpec", "SigmaRange", "bundle_digest", "load_bundle",
     "read_bundle_files", "save_bundle", "zip_bundle",
 ]
-
-_NETWORK_FILES = ("model.pt2", "weights.pt", "left.pt2", "right.pt2", "left.pt", "right.pt")
-
 
 @dataclass(frozen=True)
 class Bundle:
@@ -89,23 +88,9 @@ class _ExportedNetwork(nn.Module):
 # ---------------------------------------------------------------- loading networks
 
 
-def _is_torchscript(data: bytes) -> bool:
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
-    except zipfile.BadZipFile:
-        return False
-
-
-def _torchscript_error(fname: str) -> BundleError:
-    return BundleError(f"{fname} is TorchScript, which bundles do not accept: export the network "
-                       "with torch.export.export(net.eval(), ...) and torch.export.save it as "
-                       "model.pt2, or use smoothcert.bundle.save_bundle(..., fmt='pt2')")
-
-
 def _load_pt2(data: bytes, fname: str, device: torch.device) -> nn.Module:
-    if _is_torchscript(data):
-        raise _torchscript_error(fname)
+    if is_torchscript(data):
+        raise torchscript_error(fname)
     check_pt2(data, fname)
     try:
         ep = torch.export.load(io.BytesIO(data))
@@ -125,8 +110,8 @@ def _load_pt2(data: bytes, fname: str, device: torch.device) -> nn.Module:
 
 
 def _load_state_dict(spec: ModelSpec, data: bytes, fname: str) -> nn.Module:
-    if _is_torchscript(data):
-        raise _torchscript_error(fname)
+    if is_torchscript(data):
+        raise torchscript_error(fname)
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
@@ -194,46 +179,11 @@ def _check_network(net: nn.Module, spec: ModelSpec, what: str, device: torch.dev
                           "eval mode")
 
 
-def _network_names(kind: str, fmt: str) -> list[str]:
-    roles = ["model"] if kind == "standard" else ["left", "right"]
-    if fmt == "pt2":
-        return [f"{r}.pt2" for r in roles]
-    return ["weights.pt"] if kind == "standard" else ["left.pt", "right.pt"]
-
-
-def _choose_network_files(spec: ModelSpec, files: Mapping[str, bytes]) -> list[str]:
-    pt2, sd = _network_names(spec.kind, "pt2"), _network_names(spec.kind, "state_dict")
-    wanted, other = (sd, pt2) if spec.architecture is not None else (pt2, sd)
-    has_wanted, has_other = all(n in files for n in wanted), [n for n in other if n in files]
-    if has_wanted and not has_other:
-        return wanted
-    if has_wanted:
-        raise BundleError(f"bundle holds both {wanted} and {has_other}: keep one network form")
-    if legacy := [n for n in sorted(files) if _is_torchscript(files[n])]:
-        raise _torchscript_error(legacy[0])
-    if has_other:
-        raise BundleError(
-            f"model.json {'names' if spec.architecture else 'has no'} 'architecture', so the "
-            f"bundle needs {', '.join(wanted)}, not {', '.join(has_other)}: "
-            + ("drop 'architecture' to use them" if spec.architecture else "add 'architecture'"))
-    raise BundleError(f"bundle lacks {', '.join(n for n in wanted if n not in files)}: a "
-                      f"{spec.kind} bundle holds {', '.join(pt2)} (torch.export programs) or "
-                      f"'architecture' in model.json plus {', '.join(sd)} (state dicts)")
-
-
 def load_bundle(source: str | os.PathLike | bytes, *, device: str | torch.device = "cpu") -> Bundle:
     """Read, validate and load a bundle (directory, zip path or zip bytes); see module doc."""
     device = torch.device(device)
     files = read_bundle_files(source)
-    if "model.json" not in files:
-        raise BundleError(f"bundle has no model.json at its top level (found {sorted(files)})")
-    try:
-        raw = json.loads(files["model.json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"model.json is not valid UTF-8 JSON ({e})") from None
-    spec = ModelSpec.from_json(raw)
-    names = _choose_network_files(spec, files)
-    digest = bundle_digest({n: files[n] for n in ["model.json", *names]})
+    spec, names, digest = inspect_bundle(files)
     nets = []
     for name in names:
         if spec.architecture is None:
@@ -275,7 +225,7 @@ def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec,
         spec = dataclasses.replace(spec, architecture=None, architecture_args={})
     shape = spec.network_shape
     files: dict[str, bytes] = {}
-    for name, net in zip(_network_names(spec.kind, fmt), nets):
+    for name, net in zip(network_names(spec.kind, fmt), nets):
         net = copy.deepcopy(net).cpu().eval()
         _check_network(net, spec, name, torch.device("cpu"), thorough=False)  # load checks all
         buf = io.BytesIO()
@@ -295,7 +245,7 @@ def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec,
         files[name] = buf.getvalue()
     files["model.json"] = (json.dumps(spec.to_json(), indent=2) + "\n").encode("utf-8")
     os.makedirs(out_dir, exist_ok=True)
-    for stale in set(_NETWORK_FILES) - set(files):  # another form would make the bundle ambiguous
+    for stale in set(NETWORK_FILES) - set(files):  # another form would make the bundle ambiguous
         if os.path.isfile(path := os.path.join(out_dir, stale)):
             os.remove(path)
     for name, data in files.items():  # write-then-rename: a reader never sees half a file

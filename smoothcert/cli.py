@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import TextIO
 
 BOUND_COLUMNS = {
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     c.add_argument("--out", help="TSV file (default: standard output)")
     c.set_defaults(run=certify_local)
+    # Client commands (certify, models, status) and `up` live in the layers above the engine
+    # and register themselves through this entry-point group.
+    for plugin in entry_points(group="smoothcert.commands"):
+        plugin.load()(commands)
     return parser
 
 
@@ -121,18 +126,12 @@ def _na(value, fmt: str = "{}") -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from smoothcert.bounds import InvalidParameters
+    from smoothcert.imageio import ImageError
+    from smoothcert.manifest import BundleError
 
-    refusals: tuple[type[Exception], ...] = (InvalidParameters, FileNotFoundError)
-    try:
-        from smoothcert.bundle import BundleError
-        from smoothcert.imageio import ImageError
-
-        refusals += (BundleError, ImageError)
-    except ImportError:  # pragma: no cover - only while a module is missing
-        pass
     try:
         return args.run(args)
-    except refusals as exc:
+    except (InvalidParameters, BundleError, ImageError, FileNotFoundError) as exc:
         print(f"smoothcert: {exc}", file=sys.stderr)
         return 2
 

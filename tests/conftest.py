@@ -54,3 +54,11 @@ def redis_client(redis_url):
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture(autouse=True)
+def _private_config(tmp_path, monkeypatch):
+    """No test reads or writes the developer's ~/.config/smoothcert (credentials of `up`)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in ("SMOOTHCERT_URL", "SMOOTHCERT_API_KEY"):
+        monkeypatch.delenv(name, raising=False)

@@ -1,0 +1,147 @@
+"""`smoothcert up`: the whole stack on one machine, for a laptop or a demo.
+
+Starts, in order: a private `redis-server` (only if none answers at SMOOTHCERT_REDIS_URL),
+one Celery worker, and uvicorn; registers the bundled demo model; generates an admin and a
+user API key, prints them and writes them (with the URL) to the credentials file the client
+CLI reads. Ctrl-C stops everything it started. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from service.config import Settings
+from service.store import Store
+from smoothcert.archive import inspect_bundle, read_bundle_files, zip_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_BUNDLE = ROOT / "models" / "digits"
+
+
+def credentials_path() -> Path:
+    """Where `up` leaves the URL and keys for the client CLI (clients/_base.py reads it)."""
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "smoothcert" / "credentials.json"
+
+
+def register(subparsers) -> None:
+    """Add `up` to the `smoothcert` command line (entry point group smoothcert.commands)."""
+    up = subparsers.add_parser("up", help="run Redis, a worker and the API locally, with the demo model")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--redis-url", default=None, help="default: SMOOTHCERT_REDIS_URL or redis://127.0.0.1:6379/0")
+    up.add_argument("--state-dir", default=".smoothcert", help="private Redis data and logs")
+    up.add_argument("--no-keys", action="store_true", help="run the API open, without API keys")
+    up.add_argument("--model", action="append", default=[], metavar="BUNDLE",
+                    help="register this bundle too (directory or .zip); the demo model always is")
+    up.set_defaults(run=run)
+
+
+def register_bundle(store: Store, source: str | os.PathLike) -> str:
+    """Put a bundle (directory or zip) into the registry under its model.json name."""
+    data = zip_bundle(source) if Path(source).is_dir() else Path(source).read_bytes()
+    spec, _, digest = inspect_bundle(read_bundle_files(data))
+    store.put_model(spec.name, digest, spec.to_json(), data)
+    return spec.name
+
+
+def _redis_answers(url: str) -> bool:
+    return Store.from_url(url).ping()
+
+
+def _start_redis(url: str, state: Path, procs: list) -> None:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit(f"smoothcert up: nothing answers at {url} and redis-server is not installed")
+    parsed = urlparse(url)
+    (state / "redis").mkdir(parents=True, exist_ok=True)
+    procs.append(subprocess.Popen(
+        [binary, "--port", str(parsed.port or 6379), "--bind", parsed.hostname or "127.0.0.1",
+         "--dir", str(state / "redis"), "--appendonly", "yes", "--maxmemory-policy", "noeviction"],
+        stdout=open(state / "redis.log", "ab"), stderr=subprocess.STDOUT,
+    ))
+    for _ in range(100):
+        if _redis_answers(url):
+            return
+        time.sleep(0.1)
+    sys.exit(f"smoothcert up: the private redis-server did not answer at {url}; see {state / 'redis.log'}")
+
+
+def _wait_ready(url: str, procs: list, seconds: float = 120) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return False
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    redis_url = args.redis_url or Settings().redis_url
+    env = dict(os.environ, SMOOTHCERT_REDIS_URL=redis_url)
+    keys = {} if args.no_keys else {"admin_key": secrets.token_urlsafe(24), "api_key": secrets.token_urlsafe(24)}
+    if keys:
+        env["SMOOTHCERT_ADMIN_KEYS"], env["SMOOTHCERT_API_KEYS"] = keys["admin_key"], keys["api_key"]
+    procs: list[subprocess.Popen] = []
+    try:
+        if not _redis_answers(redis_url):
+            _start_redis(redis_url, state, procs)
+        store = Store.from_url(redis_url, prefix=Settings().key_prefix)
+        names = [register_bundle(store, b) for b in [DEMO_BUNDLE, *args.model]]
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
+             "-Q", "certifications,predictions", "--concurrency=1", "-n", "smoothcert-up@%h"],
+            env=env, cwd=ROOT, stdout=open(state / "worker.log", "ab"), stderr=subprocess.STDOUT,
+        ))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.main:app", "--host", args.host, "--port", str(args.port)],
+            env=env, cwd=ROOT, stdout=open(state / "api.log", "ab"), stderr=subprocess.STDOUT,
+        ))
+        url = f"http://{args.host}:{args.port}"
+        if not _wait_ready(url, procs):
+            print(f"smoothcert up: the stack did not become ready; logs in {state}", file=sys.stderr)
+            return 1
+        path = credentials_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"url": url, **keys}, indent=2))
+        path.chmod(0o600)
+        print(f"smoothcert is up at {url} (docs: {url}/docs), models: {', '.join(names)}")
+        if keys:
+            print(f"  admin key: {keys['admin_key']}\n  user key:  {keys['api_key']}")
+        print(f"  credentials for the CLI: {path}\n  logs: {state}\n"
+              f"  try: smoothcert certify examples/digit-7.png --model digits --wait\n  Ctrl-C stops it.")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        print("smoothcert up: a process exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
