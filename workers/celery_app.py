@@ -1,0 +1,49 @@
+"""The workers' Celery app: `celery -A workers.celery_app worker -Q certifications,predictions`.
+
+Delivery policy: a task is acknowledged only after it ran (`acks_late`), and requeued when
+its worker process dies (`reject_on_worker_lost`); a whole worker that dies leaves the
+message unacknowledged, and the broker hands it out again after the visibility timeout.
+A job therefore may run twice but ends once (the store's compare-and-set), and commits at
+most one memory entry. Prefetch 1: a long job never holds other jobs hostage.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, signals
+
+from service.config import get_settings
+from service.queue import QUEUES, broker_options
+from workers.heartbeat import start_heartbeat
+
+settings = get_settings()
+
+app = Celery("smoothcert", broker=settings.redis_url, include=["workers.tasks"])
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    broker_transport_options={
+        **broker_options(settings.visibility_timeout),
+        # Consumer side only: sweep for messages of dead workers every few seconds (kombu's
+        # default sweep runs about every 100 s, far longer than a short visibility timeout).
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 5)),
+        "unacked_restore_throttle": 1,
+    },
+    broker_connection_retry_on_startup=True,
+    task_soft_time_limit=settings.job_time_limit_seconds,
+    task_time_limit=settings.job_time_limit_seconds + 60,
+    task_routes={name: {"queue": queue} for name, queue in QUEUES.items()},
+)
+
+
+@signals.worker_process_init.connect
+def _heartbeat_in_pool_process(sender=None, **_) -> None:
+    # prefork: each pool process beats, so a node counts as live while it can run jobs.
+    start_heartbeat(str(sender), settings)
+
+
+@signals.worker_ready.connect
+def _heartbeat_in_main_process(sender=None, **_) -> None:
+    # solo and threads pools run jobs in the main process, which sends no worker_process_init.
+    start_heartbeat(str(sender.hostname), settings)

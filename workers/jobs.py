@@ -1,0 +1,176 @@
+"""One job, start to end: the plain functions the thin Celery tasks call (tests call them
+directly).
+
+Guarantees of `run_job`:
+- a job that has already ended (a redelivered task, a cancel while queued) is not run again;
+- the job ends exactly once (the store's compare-and-set), with the result in DESIGN.md's
+  shape or an error `{"code", "message"}`: invalid_request, bad_model, memory_full,
+  time_limit, internal (traceback logged, never sent), or cancelled;
+- a cancel flag stops the engine within one batch; progress is written at most
+  4 times a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.config import Settings
+from service.store import JobRecord, Store
+from smoothcert.bounds import InvalidParameters
+from smoothcert.bundle import BundleError
+from smoothcert.memory import MemoryFull
+from smoothcert.results import Certificate, Prediction
+from smoothcert.sampling import Cancelled
+from smoothcert.search import SigmaSearch
+from workers.runtime import LoadedModel, ModelRuntime
+
+log = logging.getLogger(__name__)
+
+CANCELLED = {"code": "cancelled", "message": "cancelled by the client"}
+
+
+class ProgressWriter:
+    """The engine's progress callback, writing to the job at most once per `interval` s
+    (the first call always: a client sees the job move at once)."""
+
+    def __init__(self, store: Store, job_id: str, interval: float = 0.25):
+        self.store, self.job_id, self.interval = store, job_id, interval
+        self._last = -float("inf")
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.store.set_progress(self.job_id, stage, done, total)
+
+
+def load_input(store: Store, job_id: str) -> np.ndarray:
+    """The job's input: a float32 .npy array (never unpickled)."""
+    raw = store.get_input(job_id)
+    if raw is None:
+        raise InvalidParameters("the job's input has expired or was never stored")
+    try:
+        return np.load(io.BytesIO(raw), allow_pickle=False).astype(np.float32, copy=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InvalidParameters(f"the job's input is not a .npy array ({e})") from None
+
+
+def sigma_search_of(spec: dict | None) -> SigmaSearch | None:
+    if spec is None:
+        return None
+    known = {f.name for f in dataclasses.fields(SigmaSearch)}
+    if unknown := sorted(set(spec) - known):
+        raise InvalidParameters(f"sigma_search has unknown key(s) {unknown}")
+    return SigmaSearch(**spec)
+
+
+def _present(request: dict, *keys: str) -> dict[str, Any]:
+    return {k: request[k] for k in keys if request.get(k) is not None}
+
+
+def _label(model: LoadedModel, prediction: int | None) -> str | None:
+    return None if prediction is None else model.certifier.spec.labels[prediction]
+
+
+def certification_result(cert: Certificate, job: JobRecord, model: LoadedModel, memory: bool) -> dict:
+    """DESIGN.md's result, plus the fields that make the certificate auditable."""
+    m = cert.memory
+    record = {"used": False}
+    if memory and m is not None:
+        record = {"used": True, "outcome": m.outcome,
+                  "entry": None if m.entry is None else str(m.entry),
+                  "radius_before": m.radius_before,
+                  # the entry that decided "inside"/"shrunk", or whose ball answered
+                  "conflict": None if m.conflict is None else str(m.conflict)}
+    return {
+        "prediction": cert.prediction, "label": _label(model, cert.prediction),
+        "abstained": cert.abstained, "radius": cert.radius, "sigma": cert.sigma,
+        "p_a_lower": cert.p_a_lower, "bound": cert.bound, "n0": cert.n0, "n": cert.n,
+        "alpha": cert.alpha, "memory": record,
+        "model": {"name": job.model, "digest": cert.model_digest or job.digest},
+        "seed": cert.seed, "numeric_mode": cert.numeric_mode, "batch_size": cert.batch_size,
+        "p_b_upper": cert.p_b_upper,
+        "p_a_lower_halves": list(cert.p_a_lower_halves) if cert.p_a_lower_halves else None,
+        "search": dataclasses.asdict(cert.search) if cert.search else None,
+        "samples": cert.samples, "seconds": cert.seconds,
+    }
+
+
+def prediction_result(pred: Prediction, job: JobRecord, model: LoadedModel) -> dict:
+    return {
+        "prediction": pred.prediction, "label": _label(model, pred.prediction),
+        "abstained": pred.abstained, "n": pred.n, "alpha": pred.alpha, "sigma": pred.sigma,
+        "p_value": pred.p_value, "counts": [pred.n1, pred.n2], "seed": pred.seed,
+        "model": {"name": job.model, "digest": pred.model_digest or job.digest},
+        "numeric_mode": pred.numeric_mode, "batch_size": pred.batch_size,
+        "samples": pred.samples, "seconds": pred.seconds,
+    }
+
+
+def execute(store: Store, runtime: ModelRuntime, job: JobRecord) -> tuple[dict, Certificate | Prediction]:
+    """Run the engine for a started job; raises what `run_job` turns into errors."""
+    x = load_input(store, job.id)
+    model = runtime.get(job.digest)
+    progress = ProgressWriter(store, job.id)
+    common = {"progress": progress, "cancel": lambda: store.cancel_requested(job.id)}
+    req = job.request
+    if job.kind == "prediction":
+        pred = model.predict(x, **_present(req, "sigma", "n", "alpha", "batch_size", "seed"), **common)
+        return prediction_result(pred, job, model), pred
+    memory = bool(req.get("memory", False))
+    cert = model.certify(
+        x, job.id, memory=memory, on_commit=lambda spent: store.set_progress(job.id, "memory", spent, spent),
+        sigma_search=sigma_search_of(req.get("sigma_search")),
+        **_present(req, "sigma", "bound", "n0", "n", "alpha", "batch_size", "seed"), **common,
+    )
+    return certification_result(cert, job, model, memory), cert
+
+
+def run_job(store: Store, runtime: ModelRuntime, job_id: str, settings: Settings) -> str | None:
+    """Run one job to its end; returns its final status (None: no such job)."""
+    status = store.start_job(job_id)
+    if status != "running":
+        return status  # ended already, or expired: never run twice
+    job = store.get_job(job_id)
+    if job is None:
+        return None
+    error: dict | None = None
+    try:
+        result, answer = execute(store, runtime, job)
+    except Cancelled:
+        store.finish_job(job_id, "cancelled", error=CANCELLED)
+        return _status(store, job_id)
+    except InvalidParameters as e:
+        error = {"code": "invalid_request", "message": str(e)}
+    except BundleError as e:
+        error = {"code": "bad_model", "message": str(e)}
+    except MemoryFull as e:
+        error = {"code": "memory_full", "message": str(e)}
+    except SoftTimeLimitExceeded:
+        error = {"code": "time_limit",
+                 "message": f"the job ran longer than {settings.job_time_limit_seconds} s"}
+    except Exception:
+        log.exception("job %s failed", job_id)
+        error = {"code": "internal",
+                 "message": f"the worker failed unexpectedly; the error is logged under job {job_id}"}
+    if error is not None:
+        store.finish_job(job_id, "failed", error=error)
+    else:
+        store.count("samples_total", answer.samples)
+        store.count("engine_seconds_total", answer.seconds)
+        if store.finish_job(job_id, "succeeded", result=result):
+            outcome = "abstained" if answer.abstained else "answered"
+            store.count(f"{outcome}_total:{job.kind}")
+    return _status(store, job_id)
+
+
+def _status(store: Store, job_id: str) -> str | None:
+    job = store.get_job(job_id)
+    return job.status if job is not None else None

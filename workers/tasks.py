@@ -1,0 +1,60 @@
+"""The Celery tasks: thin, by name, carrying only a job id (STYLE.md, "The workers").
+
+`job_task` is the one place that sets task policy (name, queue, acks, retries); the tasks
+re-fetch the job from the store and leave the work to `workers.jobs.run_job`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from celery import Task
+
+from service.config import get_settings
+from service.queue import CERTIFY_TASK, PREDICT_TASK, QUEUES
+from service.store import Store
+from workers.celery_app import app
+from workers.jobs import run_job
+from workers.runtime import ModelRuntime
+
+
+class WorkerTask(Task):
+    """Base of the job tasks: holds this process's Store and model runtime, made on first
+    use, i.e. inside the pool process after the fork, and shared by all job tasks."""
+
+    _pid: int | None = None
+    _store: Store | None = None
+    _runtime: ModelRuntime | None = None
+
+    def resources(self) -> tuple[Store, ModelRuntime]:
+        holder = WorkerTask  # class attributes: one set per process, not per task
+        if holder._pid != os.getpid():
+            settings = get_settings()
+            holder._store = Store.from_url(settings.redis_url, prefix=settings.key_prefix,
+                                           job_ttl_seconds=settings.job_ttl_seconds)
+            holder._runtime = ModelRuntime(holder._store, settings)
+            holder._pid = os.getpid()
+        return holder._store, holder._runtime
+
+
+def job_task(name: str) -> Callable[[Callable], Task]:
+    """Register `fn(self, job_id)` as task `name` with the project's policy: its queue;
+    acknowledged after it ran and requeued if its process dies (a job ends once however
+    often it runs); no retries (a failure is the job's result, stored with it); no result
+    backend (results live in the job record)."""
+    return app.task(name=name, base=WorkerTask, bind=True, queue=QUEUES[name],
+                    acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+                    max_retries=0)
+
+
+@job_task(CERTIFY_TASK)
+def certify(self: WorkerTask, job_id: str) -> str | None:
+    store, runtime = self.resources()
+    return run_job(store, runtime, job_id, get_settings())
+
+
+@job_task(PREDICT_TASK)
+def predict(self: WorkerTask, job_id: str) -> str | None:
+    store, runtime = self.resources()
+    return run_job(store, runtime, job_id, get_settings())
