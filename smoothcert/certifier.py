@@ -11,6 +11,7 @@ numeric mode; with a memory it is exactly the committed entry.
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +26,16 @@ from smoothcert.sigma import SigmaSearch, search_sigma
 from smoothcert.smoothing import StageProgress, certify, predict, seeded, stage
 
 NUMERIC_MODE = "fp32"
+
+
+class MemoryLike(Protocol):
+    """What certify needs of a memory: `Memory` itself, or a worker's view of the shared one."""
+
+    namespace: str
+
+    def answer(self, x: torch.Tensor, template: Certificate) -> Certificate | None: ...
+
+    def certify(self, x: torch.Tensor, certificate: Certificate) -> Certificate: ...
 
 
 def default_device() -> torch.device:
@@ -74,7 +85,7 @@ class Certifier:
         alpha: float = 0.001,
         batch_size: int = 1000,
         seed: int | None = None,
-        memory: Memory | None = None,
+        memory: MemoryLike | None = None,
         progress: StageProgress | None = None,
         cancel: CancelCheck | None = None,
     ) -> Certificate:

@@ -142,12 +142,17 @@ class Memory:
         """Append an entry the rule has cleared; returns its index."""
         if self.capacity is not None and len(self) >= self.capacity:
             raise MemoryFull(f"memory {self.namespace} holds its maximum of {self.capacity} entries")
-        row = x.reshape(1, -1).to(device=self.points.device, dtype=self.points.dtype)
-        self.points = torch.cat([self.points, row])
-        self.classes = torch.cat([self.classes, self.classes.new_tensor([prediction])])
-        self.radii = torch.cat([self.radii, self.radii.new_tensor([radius])])
-        self.sigmas = torch.cat([self.sigmas, self.sigmas.new_tensor([sigma])])
+        self.extend(x.reshape(1, -1), [prediction], [radius], [sigma])
         return len(self) - 1
+
+    def extend(self, points: torch.Tensor, classes, radii, sigmas) -> None:
+        """Append entries committed elsewhere (a worker's copy of the shared log), in one
+        concatenation per call. The caller vouches that they were cleared by the rule."""
+        dev = self.points.device
+        self.points = torch.cat([self.points, points.reshape(len(points), -1).to(dev, self.points.dtype)])
+        self.classes = torch.cat([self.classes, torch.as_tensor(classes, dtype=torch.int64, device=dev)])
+        self.radii = torch.cat([self.radii, torch.as_tensor(radii, dtype=torch.float64, device=dev)])
+        self.sigmas = torch.cat([self.sigmas, torch.as_tensor(sigmas, dtype=torch.float64, device=dev)])
 
     def answer(self, x: torch.Tensor, template: Certificate) -> Certificate | None:
         """The certificate the memory gives for x without sampling, or None if x lies in no

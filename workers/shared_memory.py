@@ -119,12 +119,9 @@ class SharedMemory:
             return
         if any(e.point.size != self.dim for e in entries):
             raise RuntimeError(f"memory {self.namespace} holds an entry of the wrong size")
-        m, dev = self.local, self.device
-        points = torch.from_numpy(np.stack([e.point for e in entries])).to(dev)
-        m.points = torch.cat([m.points, points])
-        m.classes = torch.cat([m.classes, torch.tensor([e.prediction for e in entries], device=dev)])
-        m.radii = torch.cat([m.radii, torch.tensor([e.radius for e in entries], dtype=torch.float64, device=dev)])
-        m.sigmas = torch.cat([m.sigmas, torch.tensor([e.sigma for e in entries], dtype=torch.float64, device=dev)])
+        self.local.extend(torch.from_numpy(np.stack([e.point for e in entries])),
+                          [e.prediction for e in entries], [e.radius for e in entries],
+                          [e.sigma for e in entries])
         cols = {"_outcome": [OUTCOMES.index(e.outcome) for e in entries],
                 "_before": [e.prediction_before for e in entries],
                 "_radius_before": [e.radius_before for e in entries],
