@@ -1,0 +1,88 @@
+"""Dependencies of the routes, as `Annotated` aliases that keep route signatures short.
+
+`SettingsDep` and `StoreDep` come from the app (so that tests build an app per settings);
+`CallerDep` is who is calling. Authentication: `Authorization: Bearer <key>`, compared in
+constant time against every configured key. With no key configured the API is open, the
+caller has no owner id and may do everything. A key is never logged or stored: a caller is
+known by the first 16 hex digits of the key's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.config import Settings
+from service.errors import Forbidden, Unauthorized
+from service.store import Store
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    owner: str | None  # None: the API is open (no keys configured)
+    admin: bool
+
+
+def owner_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _matches(key_hash: bytes, keys: list[str]) -> bool:
+    """Constant time in the key: every configured key is compared, equal-length hashes."""
+    found = False
+    for candidate in keys:
+        found |= hmac.compare_digest(key_hash, hashlib.sha256(candidate.encode()).digest())
+    return found
+
+
+_bearer = HTTPBearer(auto_error=False, description="an API key (SMOOTHCERT_API_KEYS)")
+
+
+async def get_caller(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    if not settings.api_keys:
+        return Caller(owner=None, admin=True)
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("this API needs a key: send the header 'Authorization: Bearer <key>'")
+    key = credentials.credentials
+    key_hash = hashlib.sha256(key.encode()).digest()
+    if not _matches(key_hash, settings.api_keys):
+        raise Unauthorized("the API key is not valid")
+    return Caller(owner=owner_id(key), admin=_matches(key_hash, settings.admin_keys))
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def require_admin(caller: CallerDep) -> Caller:
+    if not caller.admin:
+        raise Forbidden("this operation needs an admin key (SMOOTHCERT_ADMIN_KEYS)")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(require_admin)]
+
+IdempotencyKeyDep = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=255,
+           description="a retried POST with the same key returns the same job"),
+]

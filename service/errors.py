@@ -1,0 +1,199 @@
+"""Errors: one base class that carries its HTTP status, one body, one handler per source.
+
+Every error the API answers has the body `{"error": {"code": "...", "message": "..."}}`
+(DESIGN.md), whatever raised it: an `APIError` from our code, a request FastAPI could not
+validate, Starlette's HTTP errors (unknown route, body too large), the job store being down,
+or a bug (a generic 500 that reveals nothing; the traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("smoothcert.api")
+
+REDIS_DOWN = "the job store (Redis) is not reachable; retry shortly"
+
+
+class APIError(Exception):
+    """An answer other than success: HTTP status, stable machine code, message for people."""
+
+    def __init__(self, status: int, code: str, message: str, *,
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers
+        self.extra = extra or {}
+
+
+class InvalidRequest(APIError):
+    def __init__(self, message: str):
+        super().__init__(422, "invalid_request", message)
+
+
+class InvalidInput(APIError):
+    """The image or tensor cannot be decoded, or does not fit the model."""
+
+    def __init__(self, message: str):
+        super().__init__(422, "invalid_input", message)
+
+
+class NotFound(APIError):
+    def __init__(self, message: str, code: str = "not_found"):
+        super().__init__(404, code, message)
+
+
+class Unauthorized(APIError):
+    def __init__(self, message: str):
+        super().__init__(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(APIError):
+    def __init__(self, message: str):
+        super().__init__(403, "forbidden", message)
+
+
+class Unavailable(APIError):
+    def __init__(self, message: str = REDIS_DOWN, code: str = "unavailable"):
+        super().__init__(503, code, message, headers={"Retry-After": "5"})
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def describe_validation(errors: list[dict[str, Any]], limit: int = 5) -> str:
+    """Pydantic's errors as one readable line: `field.path: reason; ...`."""
+    parts = []
+    for err in errors[:limit]:
+        if err.get("type") == "json_invalid":  # FastAPI's own JSON parsing
+            parts.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')}")
+            continue
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        msg = str(err.get("msg", "is not valid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    if len(errors) > limit:
+        parts.append(f"and {len(errors) - limit} more problems")
+    return "; ".join(parts) or "the request is not valid"
+
+
+_HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+               422: "invalid_request", 429: "too_many_requests"}
+
+
+async def api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.code, exc.message, **exc.extra), exc.status,
+                        headers=exc.headers)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body("invalid_request", describe_validation(list(exc.errors()))), 422)
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    status = exc.status_code
+    if exc.detail == "There was an error parsing the body":  # FastAPI's words, no reason
+        message = "the request body could not be parsed: malformed, or JSON nested too deeply"
+    elif isinstance(exc.detail, str):
+        message = exc.detail
+    else:
+        message = HTTPStatus(status).phrase
+    code = _HTTP_CODES.get(status, f"http_{status}")
+    return JSONResponse(error_body(code, message), status, headers=getattr(exc, "headers", None))
+
+
+async def store_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("job store unreachable: %s", type(exc).__name__)
+    return JSONResponse(error_body("unavailable", REDIS_DOWN), 503, headers={"Retry-After": "5"})
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body("internal", "an internal error occurred; it has been logged"), 500)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while the body streams in; an HTTPException so that FastAPI's own body parsing
+    lets it through instead of turning it into a 400."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than the {limit} bytes this endpoint accepts")
+
+
+class BodyLimit:
+    """413 for a body over the limit: at once from Content-Length, else as soon as the bytes
+    read pass it (chunked uploads). `limits` maps (method, path) to a larger or smaller limit."""
+
+    def __init__(self, app: ASGIApp, default: int, limits: dict[tuple[str, str], int] | None = None):
+        self.app, self.default, self.limits = app, default, limits or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limits.get((scope["method"], scope["path"].rstrip("/")), self.default)
+        too_large = BodyTooLarge(limit)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await _send_error(scope, send, too_large)
+        received, exceeded, started, replaced = 0, False, False, False
+
+        async def limited() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                exceeded = True
+                raise too_large
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal started, replaced
+            if replaced:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+                if exceeded and message["status"] != 413:  # someone swallowed the error
+                    replaced = True
+                    return await _send_error(scope, send, too_large)
+            await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not exceeded or started:
+                raise
+            await _send_error(scope, send, too_large)
+
+
+async def _send_error(scope: Scope, send: Send, exc: HTTPException) -> None:
+    async def nothing() -> Message:
+        return {"type": "http.disconnect"}
+
+    body = error_body(_HTTP_CODES[exc.status_code], str(exc.detail))
+    await JSONResponse(body, exc.status_code)(scope, nothing, send)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(redis.ConnectionError, store_down)
+    app.add_exception_handler(redis.TimeoutError, store_down)
+    app.add_exception_handler(Exception, internal_error)
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route answers, all with the one body."""
+    from service.schemas import ErrorBody
+
+    return {s: {"model": ErrorBody, "description": HTTPStatus(s).phrase} for s in statuses}

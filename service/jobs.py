@@ -1,0 +1,114 @@
+"""The API's side of a job: submit (queue limit, store, enqueue by name), find (only the
+caller's own, only of the route's kind), long-poll, cancel.
+
+Store and broker calls block, so the async routes run them in the thread pool; a long poll
+holds no thread while it sleeps.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import anyio
+from starlette.concurrency import run_in_threadpool
+
+from service import queue
+from service.config import Settings
+from service.deps import Caller
+from service.errors import APIError, NotFound, Unavailable
+from service.schemas import JobStatus
+from service.store import TERMINAL, JobKind, JobRecord, ModelRecord, Store
+
+POLL_SECONDS = 0.1
+QUEUE_RETRY_AFTER = "10"
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+async def find_model(store: Store, name: str) -> ModelRecord:
+    record = await run_in_threadpool(store.get_model, name)
+    if record is None:
+        raise NotFound(f"no model named {name!r} is registered (GET /v1/models lists them)",
+                       code="model_not_found")
+    return record
+
+
+def _submit(store: Store, settings: Settings, caller: Caller, kind: JobKind, model: ModelRecord,
+            request: dict[str, Any], input_bytes: bytes, idempotency_key: str | None,
+            seed_given: bool) -> JobRecord:
+    if store.open_jobs() >= settings.max_queue:
+        raise APIError(429, "queue_full", f"the queue holds {settings.max_queue} open jobs, its "
+                       "limit; retry later", headers={"Retry-After": QUEUE_RETRY_AFTER})
+    job, created = store.create_job(kind, model=model.name, digest=model.digest, request=request,
+                                    input_bytes=input_bytes, owner=caller.owner,
+                                    idempotency_key=idempotency_key)
+    if not created:
+        _check_replay(store, job, kind, model, request, input_bytes, seed_given)
+        return job
+    try:
+        queue.enqueue(settings.redis_url, settings.visibility_timeout, kind, job.id)
+    except Exception as exc:  # broker down or refusing: the job must not wait forever
+        store.finish_job(job.id, "failed", only_if="queued", error={
+            "code": "enqueue_failed", "message": f"the job could not be queued ({type(exc).__name__})"})
+        raise Unavailable("the job could not be queued (the broker is not reachable); retry shortly",
+                          code="enqueue_failed") from exc
+    return job
+
+
+def _check_replay(store: Store, job: JobRecord, kind: str, model: ModelRecord,
+                  request: dict[str, Any], input_bytes: bytes, seed_given: bool) -> None:
+    """A reused Idempotency-Key must come with the same request (a drawn seed aside)."""
+    def comparable(r: dict[str, Any]) -> dict[str, Any]:
+        return r if seed_given else {k: v for k, v in r.items() if k != "seed"}
+
+    same = (job.kind == kind and job.model == model.name and job.digest == model.digest
+            and comparable(job.request) == comparable(request)
+            and store.get_input(job.id) in (input_bytes, None))
+    if not same:
+        raise APIError(409, "idempotency_conflict", "this Idempotency-Key was used for a "
+                       "different request; use a new key for a new request")
+
+
+async def submit(store: Store, settings: Settings, caller: Caller, kind: JobKind,
+                 model: ModelRecord, request: dict[str, Any], input_bytes: bytes,
+                 idempotency_key: str | None, *, seed_given: bool) -> JobRecord:
+    """Store and enqueue a job (or return the job of a replayed Idempotency-Key)."""
+    return await run_in_threadpool(_submit, store, settings, caller, kind, model, request,
+                                   input_bytes, idempotency_key, seed_given)
+
+
+async def find(store: Store, caller: Caller, kind: JobKind, job_id: str) -> JobRecord:
+    """The caller's job of this kind; anything else is 404, so no other job is revealed."""
+    job = await run_in_threadpool(store.get_job, job_id) if _JOB_ID.fullmatch(job_id) else None
+    if job is None or job.kind != kind or job.owner != caller.owner:
+        raise NotFound(f"no {kind} with id {job_id!r}", code="job_not_found")
+    return job
+
+
+async def wait(store: Store, caller: Caller, kind: JobKind, job_id: str, seconds: float) -> JobRecord:
+    """The job once it has ended, or as it is after `seconds`."""
+    deadline = anyio.current_time() + seconds
+    while True:
+        job = await find(store, caller, kind, job_id)
+        left = deadline - anyio.current_time()
+        if job.status in TERMINAL or left <= 0:
+            return job
+        await anyio.sleep(min(POLL_SECONDS, left))
+
+
+async def cancel(store: Store, caller: Caller, kind: JobKind, job_id: str) -> JobRecord:
+    await find(store, caller, kind, job_id)
+    await run_in_threadpool(store.request_cancel, job_id)
+    return await find(store, caller, kind, job_id)
+
+
+def status(job: JobRecord) -> JobStatus:
+    error = None
+    if job.error is not None:
+        error = {"code": str(job.error.get("code", "failed")), "message": str(job.error.get("message", ""))}
+    return JobStatus(
+        id=job.id, kind=job.kind, status=job.status,
+        progress=job.progress.model_dump() if job.progress else None,
+        result=job.result, error=error, model={"name": job.model, "digest": job.digest},
+        request=job.request, created=job.created, started=job.started, finished=job.finished,
+    )

@@ -1,0 +1,111 @@
+"""`/v1/models`: the model registry (list, read, upload) and each model's certificate
+memory (size, reset). Upload and reset need an admin key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service import jobs, parameters
+from service.deps import AdminDep, CallerDep, SettingsDep, StoreDep
+from service.errors import APIError, InvalidRequest, responses
+from service.schemas import MemoryOut, ModelOut, ModelsOut
+from service.store import ModelRecord, Store
+from smoothcert.archive import inspect_bundle, read_bundle_files
+from smoothcert.manifest import BundleError, ModelSpec
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+NUMERIC_MODE = "fp32"  # the workers' numeric mode: the memory namespace is digest/mode
+
+
+def model_out(record: ModelRecord) -> ModelOut:
+    spec = parameters.model_spec(record).to_json()  # every default filled in
+    return ModelOut(
+        name=record.name, digest=record.digest, kind=spec["kind"], input_shape=spec["input_shape"],
+        num_classes=spec["num_classes"], labels=spec["labels"], sigma=spec["sigma"],
+        size=record.size, created=record.created, spec=record.spec,
+    )
+
+
+@router.get("", response_model=ModelsOut, responses=responses(401, 503))
+def list_models(store: StoreDep, caller: CallerDep) -> ModelsOut:
+    """Every registered model."""
+    return ModelsOut(models=[model_out(m) for m in store.list_models()])
+
+
+@router.get("/{name}", response_model=ModelOut, responses=responses(401, 404, 503))
+async def get_model(name: str, store: StoreDep, caller: CallerDep) -> ModelOut:
+    """One model: its digest and what it takes (input shape, classes, σ range)."""
+    return model_out(await jobs.find_model(store, name))
+
+
+def vet_bundle(data: bytes, max_bytes: int) -> tuple[ModelSpec, str]:
+    """(spec, digest) of an uploaded zip, torch-free: safe unzip, valid model.json, the
+    network files its format needs. The digest is the loader's (`inspect_bundle`), so the
+    registry, the memory namespace and every certificate name one digest. The weights are
+    checked by the worker that loads them (that needs torch)."""
+    files = read_bundle_files(data, max_total_bytes=max_bytes, max_member_bytes=max_bytes)
+    try:
+        spec, _, digest = inspect_bundle(files)
+    except RecursionError:
+        raise BundleError("model.json is nested too deeply") from None
+    return spec, digest
+
+
+_UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["bundle"],
+    "properties": {"bundle": {"type": "string", "format": "binary",
+                              "description": "the bundle as a .zip (model.json + network)"}}}}}}}
+
+
+@router.post("", status_code=201, response_model=ModelOut, openapi_extra=_UPLOAD_DOC,
+                    responses=responses(401, 403, 413, 415, 422, 503))
+async def upload_model(request: Request, response: Response, settings: SettingsDep,
+                       store: StoreDep, admin: AdminDep) -> ModelOut:
+    """Register a bundle (multipart field `bundle`, a zip) under its model.json name,
+    replacing an earlier bundle of that name."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise APIError(415, "unsupported_media_type", "send multipart/form-data with a 'bundle' file")
+    form = await request.form(max_files=1, max_fields=8)
+    try:
+        bundle = form.get("bundle")
+        if not isinstance(bundle, UploadFile):
+            raise InvalidRequest("bundle: a multipart file part 'bundle' (a .zip) is required")
+        data = await bundle.read()
+    finally:
+        await form.close()
+    if len(data) > settings.max_bundle_bytes:
+        raise APIError(413, "too_large", f"bundle: {len(data)} bytes, more than the "
+                       f"{settings.max_bundle_bytes} accepted (SMOOTHCERT_MAX_BUNDLE_BYTES)")
+    try:
+        spec, digest = await run_in_threadpool(vet_bundle, data, settings.max_bundle_bytes)
+    except BundleError as exc:
+        raise APIError(422, "invalid_bundle", str(exc)) from None
+    record = await run_in_threadpool(store.put_model, spec.name, digest, spec.to_json(), data)
+    response.headers["Location"] = f"/v1/models/{spec.name}"
+    return model_out(record)
+
+
+async def _memory(store: Store, settings, name: str) -> MemoryOut:
+    record = await jobs.find_model(store, name)
+    namespace = f"{record.digest}/{NUMERIC_MODE}"
+    entries, size = await run_in_threadpool(store.memory_size, namespace)
+    return MemoryOut(model=name, digest=record.digest, namespace=namespace, size=entries,
+                     entries=entries, bytes=size, capacity=settings.memory_capacity)
+
+
+@router.get("/{name}/memory", response_model=MemoryOut, responses=responses(401, 404, 503))
+async def get_memory(name: str, settings: SettingsDep, store: StoreDep, caller: CallerDep) -> MemoryOut:
+    """The model's certificate memory: committed entries and their size."""
+    return await _memory(store, settings, name)
+
+
+@router.delete("/{name}/memory", response_model=MemoryOut, responses=responses(401, 403, 404, 503))
+async def reset_memory(name: str, settings: SettingsDep, store: StoreDep, admin: AdminDep) -> MemoryOut:
+    """Drop every entry of the model's memory (admin). Certificates issued before stay
+    valid statements, but later answers no longer respect them."""
+    record = await jobs.find_model(store, name)
+    await run_in_threadpool(store.memory_reset, f"{record.digest}/{NUMERIC_MODE}")
+    return await _memory(store, settings, name)

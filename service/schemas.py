@@ -1,0 +1,235 @@
+"""Request and response bodies of the HTTP API, in families: `*Request` (what a client
+sends), `*Out` (what it gets back), `JobStatus`. Field names are the contract of DESIGN.md.
+
+Requests are strict (no "100" for 100, no true for 1, no NaN) and refuse unknown fields, so
+a typo is an error instead of a silently ignored option. Checks that need the model or the
+settings (σ range, limits, feasibility) are in `service.parameters`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=1)]  # the upper limits come from the settings
+Alpha = Annotated[float, Field(gt=0, lt=1, description="1 − confidence; strictly in (0, 1)")]
+Seed = Annotated[int, Field(ge=0, lt=2**63, description="same seed + same request = same result")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+class ImageInput(_Strict):
+    """Exactly one of: a base64 PNG/JPEG (or .npy), a nested-list tensor in [0, 1], a base64 .npy."""
+
+    image_b64: str | None = None
+    tensor: list[Any] | None = Field(None, description="[C][H][W] or [H][W], values in [0, 1]")
+    npy_b64: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageInput:
+        given = [k for k in ("image_b64", "tensor", "npy_b64") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of image_b64, tensor, npy_b64"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+
+class SigmaSearchRequest(_Strict):
+    """A per-input σ search; omitted fields take the method's defaults."""
+
+    method: Literal["ddrs", "insta"] = "ddrs"
+    steps: Annotated[int, Field(ge=0)] | None = None
+    lr: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    samples: Annotated[int, Field(ge=2)] | None = None
+    init: Sigma | None = None
+
+
+class CertificationParams(_Strict):
+    """Everything of a certification request but the input (a multipart form's fields)."""
+
+    model: ModelName
+    sigma: Sigma | None = Field(None, description="fixed σ (default: the model's); omit with sigma_search")
+    sigma_search: SigmaSearchRequest | None = Field(None, description='"ddrs", "insta" or an object')
+    bound: Literal["cohen", "two_sided", "drs"] | None = Field(None, description="default: cohen (drs for DRS models)")
+    n0: Count = 100
+    n: Count = 100_000
+    alpha: Alpha = 0.001
+    batch_size: Count = 1000
+    memory: bool | None = Field(None, description="default: true with sigma_search, false with a fixed σ")
+    seed: Seed | None = None
+
+    @field_validator("sigma_search", mode="before")
+    @classmethod
+    def _method_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"method": value}
+        if value is not None and not isinstance(value, dict):
+            raise ValueError("must be a method name ('ddrs' or 'insta') or an object with "
+                             "method and optional steps, lr, samples, init")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CertificationParams:
+        if self.sigma is not None and self.sigma_search is not None:
+            raise ValueError("give either sigma or sigma_search, not both")
+        if self.n0 > self.n:
+            raise ValueError(f"n0 ({self.n0}) must not exceed n ({self.n})")
+        return self
+
+
+class CertificationRequest(CertificationParams):
+    input: ImageInput
+
+
+class PredictionParams(_Strict):
+    model: ModelName
+    sigma: Sigma | None = Field(None, description="default: the model's σ")
+    n: Count = 10_000
+    alpha: Alpha = 0.001
+    batch_size: Count = 1000
+    seed: Seed | None = None
+
+
+class PredictionRequest(PredictionParams):
+    input: ImageInput
+
+
+class InferTensor(_Strict):
+    """One input tensor of the Open Inference Protocol (v2), data flat in row-major order."""
+
+    name: str
+    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=4)]
+    datatype: Literal["FP32", "UINT8"]
+    data: list[float]
+    parameters: dict[str, Any] | None = None
+
+
+class InferParameters(_Strict):
+    sigma: Sigma | None = None
+    n: Count = 10_000
+    alpha: Alpha = 0.001
+    batch_size: Count = 1000
+    seed: Seed | None = None
+
+
+class InferRequest(_Strict):
+    id: str | None = None
+    inputs: Annotated[list[InferTensor], Field(min_length=1, max_length=1)]
+    parameters: InferParameters = InferParameters()
+    outputs: list[dict[str, Any]] | None = None  # accepted and ignored: there is one output
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorOut
+
+
+class JobOut(BaseModel):
+    id: str
+    status: str
+
+
+class CertificationOut(JobOut):
+    pass
+
+
+class PredictionOut(JobOut):
+    pass
+
+
+class ProgressOut(BaseModel):
+    stage: str
+    samples_done: int
+    samples_total: int
+
+
+class ModelRef(BaseModel):
+    name: str
+    digest: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    kind: Literal["certification", "prediction"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: ProgressOut | None
+    result: dict[str, Any] | None
+    error: ErrorOut | None
+    model: ModelRef
+    request: dict[str, Any] = Field(description="the validated parameters, seed included")
+    created: float
+    started: float | None
+    finished: float | None
+
+
+class SigmaRangeOut(BaseModel):
+    default: float
+    min: float
+    max: float
+
+
+class ModelOut(BaseModel):
+    """A registered model: what it takes and answers, and the digest certificates name."""
+
+    name: str
+    digest: str
+    kind: str
+    input_shape: list[int]
+    num_classes: int
+    labels: list[str]
+    sigma: SigmaRangeOut
+    size: int = Field(description="bundle bytes")
+    created: float
+    spec: dict[str, Any] = Field(description="the bundle's model.json")
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]
+
+
+class MemoryOut(BaseModel):
+    """A model's certificate memory (namespace: digest/numeric mode)."""
+
+    model: str
+    digest: str
+    namespace: str
+    size: int = Field(description="committed entries (what `capacity` bounds)")
+    entries: int = Field(description="committed entries (the same as `size`)")
+    bytes: int = Field(description="bytes the memory log takes in Redis")
+    capacity: int
+
+
+class HealthOut(BaseModel):
+    status: str
+    redis: bool | None = None
+    workers: int | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[int]
+
+
+class InferOut(BaseModel):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[InferOutput]
+    parameters: dict[str, Any]

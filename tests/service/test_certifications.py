@@ -1,0 +1,184 @@
+"""POST/GET/DELETE /v1/certifications against a real Redis (store and Celery broker)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+from tests.conftest import free_port
+from tests.service.conftest import (
+    PREFIX,
+    image,
+    make_settings,
+    npy_b64,
+    npy_bytes,
+    png_b64,
+    register,
+    stored_input,
+)
+
+X = image()
+
+
+def submit(client, body=None, **kw):
+    body = {"model": "digits", "input": {"tensor": X.tolist()}, "sigma": 0.25, "n": 1000} | (body or {})
+    return client.post("/v1/certifications", json=body, **kw)
+
+
+def broker_messages(redis_client, queue="certifications"):
+    """The Celery messages waiting in a queue: (task name, args)."""
+    out = []
+    for raw in redis_client.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        out.append((message["headers"]["task"], body[0]))
+    return out
+
+
+@pytest.mark.parametrize(("given", "exact"), [
+    ({"tensor": X.tolist()}, True),
+    ({"npy_b64": npy_b64(X)}, True),
+    ({"image_b64": npy_b64(X)}, True),  # an .npy is sniffed whatever the field says
+    ({"image_b64": png_b64(X)}, False),  # 8-bit pixels
+    ({"image_b64": "data:image/png;base64," + png_b64(X)}, False),
+])
+def test_submit_json_stores_the_input_and_enqueues_by_name(client, store, redis_client, given, exact):
+    r = submit(client, {"input": given})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.json() == {"id": job_id, "status": "queued"}
+    assert r.headers["location"] == f"/v1/certifications/{job_id}"
+    array = stored_input(store, job_id)
+    assert array.dtype == np.float32 and array.shape == (1, 8, 8)
+    assert np.array_equal(array, X) if exact else np.allclose(array, X, atol=0.5 / 255 + 1e-6)
+    assert broker_messages(redis_client) == [("smoothcert.certify", [job_id])]
+
+
+def test_submit_multipart(client, store, redis_client):
+    r = client.post("/v1/certifications", files={"image": ("x.npy", npy_bytes(X))},
+                    data={"model": "digits", "sigma_search": "insta", "n": "1000", "bound": "two_sided",
+                          "seed": "7"})
+    assert r.status_code == 202, r.text
+    job = store.get_job(r.json()["id"])
+    assert job.request["sigma_search"]["method"] == "insta" and job.request["sigma"] is None
+    assert job.request["memory"] is True and job.request["seed"] == 7 and job.request["n"] == 1000
+    assert job.request["bound"] == "two_sided"
+    assert np.array_equal(stored_input(store, job.id), X)
+    r = client.post("/v1/certifications", files={"image": ("x.png", base64.b64decode(png_b64(X)))},
+                    data={"model": "digits", "sigma_search": '{"method": "ddrs", "steps": 5}'})
+    assert r.status_code == 202, r.text
+    assert store.get_job(r.json()["id"]).request["sigma_search"]["steps"] == 5
+    assert len(broker_messages(redis_client)) == 2
+
+
+def test_the_stored_request_resolves_every_default(client, store):
+    r = client.post("/v1/certifications", json={"model": "digits", "input": {"tensor": X.tolist()}})
+    request = store.get_job(r.json()["id"]).request
+    seed = request.pop("seed")
+    assert isinstance(seed, int) and 0 <= seed < 2**63
+    assert request == {"sigma": 0.25, "sigma_search": None, "bound": "cohen", "n0": 100, "n": 100000,
+                       "alpha": 0.001, "batch_size": 1000, "memory": False}
+    r = submit(client, {"sigma": None, "sigma_search": {"method": "ddrs", "init": 0.5}})
+    request = store.get_job(r.json()["id"]).request
+    assert request["sigma_search"] == {"method": "ddrs", "steps": 100, "lr": 0.01, "samples": 64, "init": 0.5}
+    assert request["memory"] is True and request["sigma"] is None
+
+
+def test_status_progress_result(client, store):
+    job_id = submit(client).json()["id"]
+    body = client.get(f"/v1/certifications/{job_id}").json()
+    assert (body["id"], body["status"], body["progress"], body["result"], body["error"]) == \
+        (job_id, "queued", None, None, None)
+    assert body["model"]["name"] == "digits" and body["request"]["n"] == 1000
+    store.start_job(job_id)
+    store.set_progress(job_id, "estimation", 500, 1000)
+    body = client.get(f"/v1/certifications/{job_id}").json()
+    assert body["status"] == "running"
+    assert body["progress"] == {"stage": "estimation", "samples_done": 500, "samples_total": 1000}
+    result = {"prediction": 7, "label": "7", "abstained": False, "radius": 0.41}
+    store.finish_job(job_id, "succeeded", result=result)
+    body = client.get(f"/v1/certifications/{job_id}").json()
+    assert body["status"] == "succeeded" and body["result"] == result and body["finished"] >= body["created"]
+
+
+def test_long_poll_returns_as_soon_as_the_job_ends(client, store):
+    job_id = submit(client).json()["id"]
+    store.start_job(job_id)
+    timer = threading.Timer(0.3, store.finish_job, args=(job_id, "succeeded"), kwargs={"result": {"radius": 1.0}})
+    timer.start()
+    started = time.monotonic()
+    body = client.get(f"/v1/certifications/{job_id}", params={"wait": 5}).json()
+    timer.join()
+    assert body["status"] == "succeeded" and time.monotonic() - started < 4
+
+
+def test_long_poll_gives_up_at_the_deadline_and_caps_the_wait(redis_url, store):
+    register(store)
+    with TestClient(create_app(make_settings(redis_url, max_wait_seconds=0.3), store)) as c:
+        job_id = submit(c).json()["id"]
+        started = time.monotonic()
+        assert c.get(f"/v1/certifications/{job_id}", params={"wait": 1000}).json()["status"] == "queued"
+        assert time.monotonic() - started < 3
+
+
+def test_cancel(client, store):
+    job_id = submit(client).json()["id"]
+    r = client.delete(f"/v1/certifications/{job_id}")
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    running = submit(client).json()["id"]
+    store.start_job(running)
+    r = client.delete(f"/v1/certifications/{running}")
+    assert r.status_code == 202 and r.json()["status"] == "running" and store.cancel_requested(running)
+    assert client.delete("/v1/certifications/" + "0" * 32).status_code == 404
+
+
+def test_idempotency_key_returns_the_same_job(client, store, redis_client):
+    first = submit(client, headers={"Idempotency-Key": "abc"})
+    again = submit(client, headers={"Idempotency-Key": "abc"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"] and again.headers["location"] == first.headers["location"]
+    assert store.open_jobs() == 1 and len(broker_messages(redis_client)) == 1
+    other = submit(client, {"n": 2000}, headers={"Idempotency-Key": "abc"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+    assert submit(client, headers={"Idempotency-Key": "new"}).json()["id"] != first.json()["id"]
+
+
+def test_a_job_of_the_other_kind_is_not_found(client):
+    job_id = submit(client).json()["id"]
+    r = client.get(f"/v1/predictions/{job_id}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+
+
+def test_unknown_job_ids(client):
+    for job_id in ["0" * 32, "nope", "../../etc"]:
+        r = client.get(f"/v1/certifications/{job_id}")
+        assert r.status_code == 404 and r.json()["error"]["code"] in ("job_not_found", "not_found")
+
+
+def test_queue_full_answers_429_with_retry_after(redis_url, store, redis_client):
+    register(store)
+    with TestClient(create_app(make_settings(redis_url, max_queue=1), store)) as c:
+        assert submit(c).status_code == 202
+        r = submit(c)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["retry-after"]) > 0 and store.open_jobs() == 1
+
+
+def test_enqueue_failure_fails_the_job_and_answers_503(redis_url, store, redis_client):
+    """The broker is unreachable after the job was stored: the job must not stay queued."""
+    register(store)
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", key_prefix=PREFIX)
+    with TestClient(create_app(settings, store)) as c:
+        r = submit(c)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "enqueue_failed"
+    (job_id,) = [k.decode().rsplit(":", 1)[1] for k in redis_client.keys(f"{PREFIX}:job:*")]
+    job = store.get_job(job_id)
+    assert job.status == "failed" and job.error["code"] == "enqueue_failed" and store.open_jobs() == 0

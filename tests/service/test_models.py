@@ -1,0 +1,110 @@
+"""The model registry (/v1/models) and the memory endpoints, with API keys."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+from fastapi.testclient import TestClient
+
+from service.main import create_app
+from smoothcert.archive import inspect_bundle, read_bundle_files
+from tests.service.conftest import (
+    ADMIN,
+    DIGITS,
+    DRS,
+    USER,
+    auth,
+    bundle_zip,
+    digest_of,
+    make_settings,
+    register,
+)
+
+
+def upload(client, data: bytes, key: str | None = ADMIN):
+    headers = auth(key) if key else {}
+    return client.post("/v1/models", files={"bundle": ("b.zip", data, "application/zip")}, headers=headers)
+
+
+def test_list_and_read(keyed, store):
+    register(store, DRS)
+    models = keyed.get("/v1/models", headers=auth(USER)).json()["models"]
+    assert [m["name"] for m in models] == ["digits", "halves"]
+    digits = keyed.get("/v1/models/digits", headers=auth(USER)).json()
+    assert digits["digest"] == digest_of(DIGITS, {"weights.pt": b"w"})
+    assert (digits["kind"], digits["input_shape"], digits["num_classes"]) == ("standard", [1, 8, 8], 10)
+    assert digits["labels"] == DIGITS["labels"] and digits["sigma"] == {"default": 0.25, "min": 0.05, "max": 1.0}
+    assert digits["spec"] == DIGITS
+    r = keyed.get("/v1/models/nope", headers=auth(USER))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_upload_is_admin_only(keyed, store):
+    spec = DIGITS | {"name": "mine"}
+    data = bundle_zip(spec, {"weights.pt": b"weights", "README.md": b"notes"})
+    r = upload(keyed, data, key=None)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = upload(keyed, data, key=USER)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert store.get_model("mine") is None
+    r = upload(keyed, data)
+    assert r.status_code == 201, r.text
+    assert r.headers["location"] == "/v1/models/mine"
+    # The loader's digest (model.json + network, the README aside), and the bundle as sent.
+    _, _, digest = inspect_bundle(read_bundle_files(data))
+    assert r.json()["digest"] == digest == store.get_model("mine").digest
+    assert store.get_bundle(digest) == data
+    assert keyed.get("/v1/models/mine", headers=auth(USER)).json()["name"] == "mine"
+
+
+def test_bad_bundles_are_422(keyed, store):
+    def zipped(files):
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+        return out.getvalue()
+
+    cases = {
+        "not a zip": b"hello",
+        "no model.json": zipped({"weights.pt": b"w"}),
+        "bad json": zipped({"model.json": b"{", "weights.pt": b"w"}),
+        "deep json": zipped({"model.json": b"[" * 10_000 + b"]" * 10_000, "weights.pt": b"w"}),
+        "bad spec": bundle_zip(DIGITS | {"num_classes": 1}),
+        "no network": bundle_zip(DIGITS, {}),
+        "two forms": bundle_zip(DIGITS, {"weights.pt": b"w", "model.pt2": b"p"}),
+        "unsafe path": zipped({"model.json": b"{}", "../evil": b"x"}),
+    }
+    for name, data in cases.items():
+        r = upload(keyed, data)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_bundle", (name, r.text)
+    r = keyed.post("/v1/models", headers=auth(ADMIN), data={"name": "x"})
+    assert r.status_code in (415, 422), r.text
+    assert [m.name for m in store.list_models()] == ["digits"]
+
+
+def test_memory_size_and_reset(keyed, store):
+    digest = store.get_model("digits").digest
+    namespace = f"{digest}/fp32"
+    for i in range(3):
+        assert store.memory_commit(namespace, epoch=0, length=i, job_id=f"j{i}", entry=b"e" * 100,
+                                   capacity=10).status == "committed"
+    memory = keyed.get("/v1/models/digits/memory", headers=auth(USER)).json()
+    assert memory["namespace"] == namespace and memory["entries"] == memory["size"] == 3
+    assert memory["bytes"] > 300 and memory["capacity"] > 0
+    assert keyed.delete("/v1/models/digits/memory", headers=auth(USER)).status_code == 403
+    r = keyed.delete("/v1/models/digits/memory", headers=auth(ADMIN))
+    assert r.status_code == 200 and r.json()["entries"] == 0 and store.memory_epoch(namespace) == 1
+    assert keyed.get("/v1/models/nope/memory", headers=auth(USER)).status_code == 404
+
+
+def test_upload_size_limit(redis_url, store):
+    settings = make_settings(redis_url, max_bundle_bytes=1000, max_body_bytes=100)
+    with TestClient(create_app(settings, store)) as c:
+        big = bundle_zip(DIGITS, {"weights.pt": bytes(range(256)) * 400})
+        r = upload(c, big, key=None)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        small = bundle_zip(DIGITS, {"weights.pt": b"w"})  # above max_body_bytes, fine for bundles
+        assert len(small) > 100 and upload(c, small, key=None).status_code == 201

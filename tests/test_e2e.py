@@ -1,0 +1,153 @@
+"""End to end against real processes: redis-server, a Celery worker, uvicorn; the SDK and CLI.
+
+The demo model is registered as `smoothcert up` registers it, and the answers are checked
+against what the engine gives for the same request in this process.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clients import Client, NotFoundError, PermissionDeniedError
+from service.store import Store
+from service.up import DEMO_BUNDLE, register_bundle
+
+from .conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ADMIN, USER, OTHER = "admin-key-e2e", "user-key-e2e", "other-key-e2e"
+
+
+def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url, tmp_path_factory):
+    """uvicorn + one Celery worker on the test Redis, the demo model registered."""
+    logs = tmp_path_factory.mktemp("e2e-logs")
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    register_bundle(Store.from_url(redis_url), DEMO_BUNDLE)
+    env = dict(os.environ, SMOOTHCERT_REDIS_URL=redis_url, SMOOTHCERT_ADMIN_KEYS=ADMIN,
+               SMOOTHCERT_API_KEYS=f"{USER},{OTHER}", SMOOTHCERT_HEARTBEAT_SECONDS="1",
+               SMOOTHCERT_DEVICE="cpu")
+    port = free_port()
+    procs = [
+        _spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
+                "-Q", "certifications,predictions", "--concurrency=1", "-n", "e2e@%h"], env, logs / "worker.log"),
+        _spawn([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port)],
+               env, logs / "api.log"),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert all(p.poll() is None for p in procs), _logs(logs)
+            time.sleep(0.5)
+        else:
+            pytest.fail("the stack did not become ready\n" + _logs(logs))
+        yield url
+    finally:
+        for p in procs:
+            _stop(p)
+
+
+def _logs(folder: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in folder.glob("*.log"))
+
+
+def test_certify_an_example_digit(stack):
+    with Client(stack, api_key=USER) as client:
+        job = client.certify(ROOT / "examples" / "digit-7.png", model="digits", sigma=0.25, n=2000, seed=3)
+        status = job.wait(timeout=120)
+    assert status.status == "succeeded", status.raw
+    result = status.result
+    assert result.prediction == 7 and result.label == "7" and not result.abstained
+    assert 0 < result.radius < 0.25 * 4 and result.bound == "cohen" and result.n == 2000
+    assert result.model.name == "digits" and result.model.digest.startswith("sha256:")
+
+
+def test_sigma_search_with_memory_answers_a_repeat_from_memory(stack):
+    with Client(stack, api_key=USER) as client:
+        first = client.certify(ROOT / "examples" / "digit-3.png", model="digits",
+                               sigma_search={"method": "ddrs", "steps": 10}, n=2000, seed=1).wait(timeout=120)
+        again = client.certify(ROOT / "examples" / "digit-3.png", model="digits",
+                               sigma_search="ddrs", n=2000, seed=2).wait(timeout=120)
+        memory = client.model_memory("digits")
+    assert first.status == again.status == "succeeded"
+    assert first.result.memory.used and first.result.memory.outcome in ("new", "shrunk")
+    assert again.result.memory.outcome == "inside" and again.result.prediction == first.result.prediction
+    assert memory.entries >= 1
+
+
+def test_predict_and_cancel(stack):
+    with Client(stack, api_key=USER) as client:
+        p = client.predict(ROOT / "examples" / "digit-0.png", model="digits", n=500).wait(timeout=120)
+        assert p.status == "succeeded" and p.result.prediction == 0
+        slow = client.certify(ROOT / "examples" / "digit-1.png", model="digits", n=1_000_000, batch_size=100)
+        deadline = time.monotonic() + 60
+        while slow.status().status == "queued" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        slow.cancel()
+        final = slow.wait(timeout=60)
+    assert final.status == "cancelled"
+
+
+def test_keys_scope_jobs_and_uploads(stack):
+    with Client(stack, api_key=USER) as user, Client(stack, api_key=OTHER) as other:
+        job = user.certify(ROOT / "examples" / "digit-5.png", model="digits", n=200, alpha=0.01)
+        with pytest.raises(NotFoundError):
+            other.job(job.id).status()
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as zf:
+            for f in DEMO_BUNDLE.iterdir():
+                zf.write(f, f.name)
+        with pytest.raises(PermissionDeniedError):
+            user.upload_model(buffer.getvalue())
+    with Client(stack, api_key=ADMIN) as admin:
+        admin.upload_model(buffer.getvalue())
+        assert "digits" in [m.name for m in admin.models()]
+
+
+def test_health_and_metrics(stack):
+    assert httpx.get(f"{stack}/v2/health/live").status_code == 200
+    assert httpx.get(f"{stack}/v2/health/ready").status_code == 200
+    text = httpx.get(f"{stack}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    assert "smoothcert_jobs" in text
+
+
+def test_cli_certify_wait(stack):
+    env = dict(os.environ, SMOOTHCERT_URL=stack, SMOOTHCERT_API_KEY=USER)
+    out = subprocess.run([sys.executable, "-m", "smoothcert.cli", "certify", str(ROOT / "examples" / "digit-9.png"),
+                          "--model", "digits", "--n", "1000", "--wait"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert '"prediction": 9' in out.stdout
