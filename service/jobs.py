@@ -50,6 +50,8 @@ def _submit(store: Store, settings: Settings, caller: Caller, kind: JobKind, mod
     except Exception as exc:  # broker down or refusing: the job must not wait forever
         store.finish_job(job.id, "failed", only_if="queued", error={
             "code": "enqueue_failed", "message": f"the job could not be queued ({type(exc).__name__})"})
+        if idempotency_key is not None:  # a retry with the same key must get a new job
+            store.release_idempotency_key(caller.owner, idempotency_key, job.id)
         raise Unavailable("the job could not be queued (the broker is not reachable); retry shortly",
                           code="enqueue_failed") from exc
     return job

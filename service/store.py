@@ -130,8 +130,11 @@ class Store:
         self._commit = client.register_script(_COMMIT)
 
     @classmethod
-    def from_url(cls, url: str, **kwargs) -> Store:
-        return cls(redis.Redis.from_url(url), **kwargs)
+    def from_url(cls, url: str, *, socket_timeout: float | None = 10.0, **kwargs) -> Store:
+        """A store on a new connection pool; calls fail after `socket_timeout` seconds
+        instead of hanging on a Redis that went away."""
+        client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5)
+        return cls(client, **kwargs)
 
     def ping(self) -> bool:
         try:
@@ -169,7 +172,7 @@ class Store:
         """
         job_id = uuid.uuid4().hex
         if idempotency_key is not None:
-            idem = f"{self.p}:idem:{owner or '-'}:{idempotency_key}"
+            idem = self._idem(owner, idempotency_key)
             if not self.r.set(idem, job_id, nx=True, ex=self.ttl):
                 existing = self.r.get(idem)
                 job = self.get_job(existing.decode()) if existing else None
@@ -187,6 +190,16 @@ class Store:
             pipe.execute()
         self.count(f"jobs_submitted_total:{kind}")
         return job, True
+
+    def _idem(self, owner: str | None, key: str) -> str:
+        return f"{self.p}:idem:{owner or '-'}:{key}"
+
+    def release_idempotency_key(self, owner: str | None, key: str, job_id: str) -> None:
+        """Forget key → job_id (if it still points there), so that a retry after a failure
+        to enqueue creates a new job instead of returning the failed one."""
+        idem = self._idem(owner, key)
+        if self.r.get(idem) == job_id.encode():
+            self.r.delete(idem)
 
     def get_job(self, job_id: str) -> JobRecord | None:
         raw = self.r.hgetall(self._job(job_id))
@@ -206,7 +219,9 @@ class Store:
         return self.r.get(self._input(job_id))
 
     def open_jobs(self) -> int:
-        """Jobs queued or running (what the queue-length limit counts)."""
+        """Jobs queued or running (what the queue-length limit counts). A job whose record
+        expired without ending (Redis lost it mid-way) stops counting after the TTL."""
+        self.r.zremrangebyscore(self._open(), "-inf", time.time() - self.ttl)
         return int(self.r.zcard(self._open()))
 
     def start_job(self, job_id: str) -> str | None:

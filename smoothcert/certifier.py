@@ -20,12 +20,12 @@ from smoothcert import bounds
 from smoothcert.bundle import Bundle
 from smoothcert.drs import certify_drs
 from smoothcert.memory import Memory
-from smoothcert.results import Certificate, Prediction
+from smoothcert.results import DEFAULT_NUMERIC_MODE, Certificate, Prediction, memory_namespace
 from smoothcert.sampling import CancelCheck
 from smoothcert.sigma import SigmaSearch, search_sigma
 from smoothcert.smoothing import StageProgress, certify, predict, seeded, stage
 
-NUMERIC_MODE = "fp32"
+NUMERIC_MODE = DEFAULT_NUMERIC_MODE
 
 
 class MemoryLike(Protocol):
@@ -51,7 +51,7 @@ class Certifier:
         self.bundle = bundle.to(self.device)
         self.spec = bundle.spec
         self.numeric_mode = NUMERIC_MODE
-        self.namespace = f"{bundle.digest}/{self.numeric_mode}"
+        self.namespace = memory_namespace(bundle.digest, self.numeric_mode)
 
     def new_memory(self, capacity: int | None = None) -> Memory:
         """An empty memory for this model and numeric mode."""

@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 OUTCOMES = ("new", "inside", "shrunk")
+DEFAULT_NUMERIC_MODE = "fp32"
+
+
+def memory_namespace(model_digest: str, numeric_mode: str = DEFAULT_NUMERIC_MODE) -> str:
+    """The memory a certificate belongs to: one exact function, i.e. the model's content
+    digest and the numeric mode it runs in (ALGORITHMS.md §3.1)."""
+    return f"{model_digest}/{numeric_mode}"
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,7 @@ class Certificate(_Answer):
     search: SigmaSearchRecord | None = None
     memory: MemoryRecord | None = None
     model_digest: str | None = None
-    numeric_mode: str = "fp32"
+    numeric_mode: str = DEFAULT_NUMERIC_MODE
     samples: int = 0  # forward passes spent in all (search + n0 + n)
     seconds: float = 0.0
 
@@ -108,6 +115,6 @@ class Prediction(_Answer):
     p_value: float
     bound: str = "binomial"
     model_digest: str | None = None
-    numeric_mode: str = "fp32"
+    numeric_mode: str = DEFAULT_NUMERIC_MODE
     samples: int = 0
     seconds: float = 0.0

@@ -14,10 +14,10 @@ from service.schemas import MemoryOut, ModelOut, ModelsOut
 from service.store import ModelRecord, Store
 from smoothcert.archive import inspect_bundle, read_bundle_files
 from smoothcert.manifest import BundleError, ModelSpec
+from smoothcert.results import memory_namespace
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-NUMERIC_MODE = "fp32"  # the workers' numeric mode: the memory namespace is digest/mode
 
 
 def model_out(record: ModelRecord) -> ModelOut:
@@ -90,7 +90,7 @@ async def upload_model(request: Request, response: Response, settings: SettingsD
 
 async def _memory(store: Store, settings, name: str) -> MemoryOut:
     record = await jobs.find_model(store, name)
-    namespace = f"{record.digest}/{NUMERIC_MODE}"
+    namespace = memory_namespace(record.digest)
     entries, size = await run_in_threadpool(store.memory_size, namespace)
     return MemoryOut(model=name, digest=record.digest, namespace=namespace, size=entries,
                      entries=entries, bytes=size, capacity=settings.memory_capacity)
@@ -107,5 +107,5 @@ async def reset_memory(name: str, settings: SettingsDep, store: StoreDep, admin:
     """Drop every entry of the model's memory (admin). Certificates issued before stay
     valid statements, but later answers no longer respect them."""
     record = await jobs.find_model(store, name)
-    await run_in_threadpool(store.memory_reset, f"{record.digest}/{NUMERIC_MODE}")
+    await run_in_threadpool(store.memory_reset, memory_namespace(record.digest))
     return await _memory(store, settings, name)

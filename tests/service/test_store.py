@@ -125,3 +125,19 @@ def test_models_and_workers(store):
     assert [m.name for m in store.list_models()] == ["digits"] and store.get_model("x") is None
     store.heartbeat("w1")
     assert store.live_workers(10) == ["w1"]
+
+
+def test_open_jobs_forget_records_older_than_the_ttl(store, redis_client):
+    job, _ = new_job(store)
+    redis_client.zadd("t:jobs:open", {"lost": 1.0})  # a job Redis lost long ago
+    assert store.open_jobs() == 1
+    assert store.get_job(job.id).status == "queued"
+
+
+def test_a_released_idempotency_key_makes_a_new_job(store):
+    first, _ = new_job(store, owner="a", idempotency_key="k")
+    store.release_idempotency_key("a", "k", first.id)
+    again, created = new_job(store, owner="a", idempotency_key="k")
+    assert created and again.id != first.id
+    store.release_idempotency_key("a", "k", first.id)  # no longer points at `first`: kept
+    assert new_job(store, owner="a", idempotency_key="k")[0].id == again.id
