@@ -94,6 +94,10 @@ def _wait_ready(url: str, procs: list, seconds: float = 120) -> bool:
     return False
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     if keys:
         env["SMOOTHCERT_ADMIN_KEYS"], env["SMOOTHCERT_API_KEYS"] = keys["admin_key"], keys["api_key"]
     procs: list[subprocess.Popen] = []
+    # Explicit handlers: a shell may start us with SIGINT ignored, and SIGTERM (docker stop,
+    # systemd) must stop the children as Ctrl-C does.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         if not _redis_answers(redis_url):
             _start_redis(redis_url, state, procs)
@@ -130,7 +138,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  admin key: {keys['admin_key']}\n  user key:  {keys['api_key']}")
         print(f"  credentials for the CLI: {path}\n  logs: {state}\n"
               f"  try: smoothcert certify examples/digit-7.png --model digits --wait\n  Ctrl-C stops it.")
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(p.poll() is None for p in procs):
             time.sleep(1)
         print("smoothcert up: a process exited; stopping", file=sys.stderr)

@@ -1,0 +1,43 @@
+"""`smoothcert up` from nothing: a private Redis, a worker, the API, the demo model, keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clients import Client
+
+from ..conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_up_runs_the_stack_and_stops_it_all(tmp_path):
+    redis_port, api_port = free_port(), free_port()
+    env = dict(os.environ, SMOOTHCERT_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
+    log = tmp_path / "up.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smoothcert.cli", "up", "--port", str(api_port), "--state-dir", str(tmp_path / "state")],
+        env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "is up" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        saved = json.loads((Path(os.environ["XDG_CONFIG_HOME"]) / "smoothcert" / "credentials.json").read_text())
+        assert saved["url"] == f"http://127.0.0.1:{api_port}" and saved["api_key"] and saved["admin_key"]
+        with Client() as client:  # picks up the URL and key that `up` left
+            status = client.certify(ROOT / "examples" / "digit-4.png", model="digits", n=1000).wait(timeout=60)
+        assert status.status == "succeeded" and status.result.prediction == 4
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(30)
+    time.sleep(1)
+    leftovers = subprocess.run(["pgrep", "-f", f"{redis_port}|--port {api_port}"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", f"processes left behind: {leftovers.stdout}"
