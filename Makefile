@@ -18,6 +18,7 @@ redis-server:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
 test: $(STAMP) redis-server
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 # The whole service on this machine with the bundled demo model (Ctrl-C stops it).

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypedDict, TypeVar
 from urllib.parse import quote
 

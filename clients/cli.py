@@ -149,7 +149,7 @@ def _models(args: argparse.Namespace) -> int:
               str(m.num_classes or "-"), (m.digest or "-")[:19]) for m in models]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

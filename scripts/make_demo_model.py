@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     certs = [certifier.certify(x_test[i], sigma=spec.sigma.default, n0=100, n=args.n,
                                alpha=args.alpha, seed=i) for i in range(count)]
     certify_s = time.perf_counter() - t
-    correct = np.array([c.prediction == int(y) for c, y in zip(certs, y_test)])
+    correct = np.array([c.prediction == int(y) for c, y in zip(certs, y_test[:count], strict=True)])
     radius = np.array([c.radius for c in certs])
     abstained = sum(c.prediction is None for c in certs)
     print(f"smoothed classifier, first {count} test images (sigma={spec.sigma.default}, "

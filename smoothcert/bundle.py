@@ -33,8 +33,14 @@ from torch import nn
 
 from smoothcert.architectures import Normalize, build_architecture
 from smoothcert.archive import (
-    NETWORK_FILES, bundle_digest, inspect_bundle, is_torchscript, network_names, read_bundle_files,
-    torchscript_error, zip_bundle,
+    NETWORK_FILES,
+    bundle_digest,
+    inspect_bundle,
+    is_torchscript,
+    network_names,
+    read_bundle_files,
+    torchscript_error,
+    zip_bundle,
 )
 from smoothcert.manifest import BundleError, ModelSpec, SigmaRange
 from smoothcert.pt2check import check_pt2
@@ -225,7 +231,7 @@ def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec,
         spec = dataclasses.replace(spec, architecture=None, architecture_args={})
     shape = spec.network_shape
     files: dict[str, bytes] = {}
-    for name, net in zip(network_names(spec.kind, fmt), nets):
+    for name, net in zip(network_names(spec.kind, fmt), nets, strict=True):
         net = copy.deepcopy(net).cpu().eval()
         _check_network(net, spec, name, torch.device("cpu"), thorough=False)  # load checks all
         buf = io.BytesIO()

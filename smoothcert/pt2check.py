@@ -30,15 +30,18 @@ _UNSAFE_ATEN = ("torch.ops.aten.from_file.",)  # reads a host file into a tensor
 _SAFE_SPEC_TYPES = {None, "builtins.tuple", "builtins.list", "builtins.dict"}
 _EXPR_TOKEN = re.compile(
     r"\s+|'[\w.+\-]*'|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|[A-Za-z]\w*|[(),=+\-*/%<>!]")
-_EXPR_NAMES = frozenset(
-    "Symbol Integer Rational Float Add Mul Pow Min Max Abs Mod floor ceiling Eq Ne Lt Le Gt Ge "
-    "StrictLessThan StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not "
-    "Piecewise ExprCondPair true false True False oo zoo nan Infinity NegativeInfinity "
-    "IntInfinity NegativeIntInfinity positive negative integer real nonnegative nonpositive "
-    "finite nonzero precision FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt "
-    "FloorToInt CeilDiv IntTrueDiv FloatTrueDiv LShift RShift IsNonOverlappingAndDenseIndicator "
-    "TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat FloatPow PowByNatural Identity"
-    .split())
+_EXPR_NAMES = frozenset([
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Min", "Max", "Abs", "Mod",
+    "floor", "ceiling", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan",
+    "LessThan", "GreaterThan", "Equality", "Unequality", "And", "Or", "Not", "Piecewise",
+    "ExprCondPair", "true", "false", "True", "False", "oo", "zoo", "nan", "Infinity",
+    "NegativeInfinity", "IntInfinity", "NegativeIntInfinity", "positive", "negative", "integer",
+    "real", "nonnegative", "nonpositive", "finite", "nonzero", "precision", "FloorDiv",
+    "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
+    "IntTrueDiv", "FloatTrueDiv", "LShift", "RShift", "IsNonOverlappingAndDenseIndicator",
+    "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "FloatPow",
+    "PowByNatural", "Identity",
+])
 
 
 def _walk(obj: Any):

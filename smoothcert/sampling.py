@@ -125,7 +125,7 @@ def sample_counts_multi(
     done = 0
     with torch.inference_mode():
         for batch in noisy_batches(x, sigma, num, batch_size, generator, cancel):
-            for classifier, view, count in zip(classifiers, views, counts):
+            for classifier, view, count in zip(classifiers, views, counts, strict=True):
                 predictions = classifier(view(batch)).argmax(dim=1)
                 # index_add_ (unlike bincount) never asks the host for the output size.
                 count.index_add_(0, predictions, _ones(predictions))

@@ -15,7 +15,7 @@ from torch import nn
 
 from smoothcert import bounds
 from smoothcert.results import SigmaSearchRecord
-from smoothcert.sampling import Cancelled, CancelCheck, sample_counts, soft_scores
+from smoothcert.sampling import CancelCheck, Cancelled, sample_counts, soft_scores
 from smoothcert.search import METHODS, SigmaSearch
 
 __all__ = ["METHODS", "SigmaSearch", "ddrs_ascent", "insta_search", "search_sigma"]

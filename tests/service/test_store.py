@@ -23,7 +23,8 @@ def test_job_round_trip_and_ttl(store, redis_client):
     job, created = new_job(store, owner="k1")
     assert created and job.status == "queued"
     got = store.get_job(job.id)
-    assert (got.id, got.kind, got.owner, got.request, got.status) == (job.id, "certification", "k1", {"n": 100}, "queued")
+    assert (got.id, got.kind, got.owner, got.request, got.status) == (
+        job.id, "certification", "k1", {"n": 100}, "queued")
     assert store.get_input(job.id) == b"x"
     assert 0 < redis_client.ttl(f"t:job:{job.id}") <= 60 and 0 < redis_client.ttl(f"t:input:{job.id}") <= 60
     assert store.get_job("nope") is None and store.open_jobs() == 1

@@ -16,8 +16,15 @@ from torch import nn
 
 from smoothcert.architectures import Normalize, build_architecture
 from smoothcert.bundle import (
-    Bundle, BundleError, ModelSpec, SigmaRange, bundle_digest, load_bundle, read_bundle_files,
-    save_bundle, zip_bundle,
+    Bundle,
+    BundleError,
+    ModelSpec,
+    SigmaRange,
+    bundle_digest,
+    load_bundle,
+    read_bundle_files,
+    save_bundle,
+    zip_bundle,
 )
 
 SHAPE = (1, 8, 8)
@@ -435,7 +442,7 @@ def test_spec_round_trip_and_defaults():
                                 "sigma": {"default": 1}})
     assert bare.kind == "standard" and bare.labels == ("0", "1") and bare.normalize is None
     with pytest.raises(BundleError, match="odd"):
-        bare.half_shape
+        _ = bare.half_shape
 
 
 def test_save_refusals(tmp_path):

@@ -72,7 +72,8 @@ def test_certify_local_writes_cohen_tsv(tmp_path, inputs, capsys):
 def test_memory_changes_certificates_in_order(tmp_path, inputs, capsys):
     bundle = linear_bundle(tmp_path / "bundle")
     code = main(["certify-local", "--model", str(bundle), str(inputs / "set.npz"), "--sigma-search", "ddrs",
-                 "--search-steps", "5", "--n", "2000", "--alpha", "0.01", "--seed", "1", "--out", str(tmp_path / "m.tsv")])
+                 "--search-steps", "5", "--n", "2000", "--alpha", "0.01", "--seed", "1",
+                 "--out", str(tmp_path / "m.tsv")])
     assert code == 0
     rows = read_tsv((tmp_path / "m.tsv").read_text())
     assert rows[0]["memory"] == "new"
@@ -86,7 +87,8 @@ def test_two_sided_and_drs_columns(tmp_path, inputs):
           "--bound", "two_sided", "--n", "500", "--alpha", "0.01", "--out", str(out)])
     assert {"pA_lower", "pB_upper"} <= set(read_tsv(out.read_text())[0])
     drs = linear_bundle(tmp_path / "drs", kind="drs")
-    main(["certify-local", "--model", str(drs), str(inputs / "one.npy"), "--n", "500", "--alpha", "0.01", "--out", str(out)])
+    main(["certify-local", "--model", str(drs), str(inputs / "one.npy"), "--n", "500", "--alpha", "0.01",
+          "--out", str(out)])
     row = read_tsv(out.read_text())[0]
     assert row["predict"] == "1" and {"pA_lower_left", "pA_lower_right"} <= set(row)
 

@@ -12,7 +12,7 @@ N_DIGITS = 1797  # scikit-learn's digits data set
 
 def test_split_is_deterministic_and_depends_on_the_seed():
     first, again = load_digits_split(seed=0), load_digits_split(seed=0)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     other = load_digits_split(seed=1)
     assert not np.array_equal(first[3], other[3])

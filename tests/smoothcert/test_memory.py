@@ -79,7 +79,8 @@ def test_random_sequences_never_leave_intersecting_balls(sequence, split):
         if i >= 2 and split % 2:
             cut = split % i
             head = apply_rule(memory.points[:cut], memory.classes[:cut], memory.radii[:cut], x, c, r)
-            d = apply_rule(memory.points[cut:], memory.classes[cut:], memory.radii[cut:], x, head.prediction, head.radius)
+            d = apply_rule(memory.points[cut:], memory.classes[cut:], memory.radii[cut:], x,
+                           head.prediction, head.radius)
             inside = "inside" in (head.outcome, d.outcome)
         else:
             d = memory.decide(x, c, r)

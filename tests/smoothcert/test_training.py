@@ -45,7 +45,7 @@ def test_short_training_gives_a_bundle_that_loads_and_certifies(digits, tmp_path
     net = train_gaussian(fresh_net(), x_train, y_train, sigma=0.25, epochs=2, lr=3e-3, seed=0,
                          normalize=NORMALIZE, progress=lambda e, n, loss: epochs_seen.append(
                              (e, n, loss)))
-    assert [e for e, _, _ in epochs_seen] == [1, 2] and all(np.isfinite(l) for *_, l in epochs_seen)
+    assert [e for e, _, _ in epochs_seen] == [1, 2] and all(np.isfinite(loss) for *_, loss in epochs_seen)
     assert not net.training
     assert accuracy(net, x_test, y_test, normalize=NORMALIZE) > 0.3  # chance is 0.1
 

@@ -4,6 +4,7 @@ mid-run is handed to a new worker after the visibility timeout and ends exactly 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -49,10 +50,8 @@ def celery_worker(redis_url: str, name: str, log: pathlib.Path) -> Iterator[subp
 
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the worker and its pool processes, as a crashed machine would."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(10)
 
 

@@ -66,7 +66,8 @@ def test_new_shrunk_and_inside_through_the_store(store):
     assert c.memory.outcome == "inside" and c.prediction == 1 and c.radius == pytest.approx(0.7)
     assert c.memory.prediction_before == 0 and c.memory.entry == 2
     entries = log(store)
-    assert [(e.job_id, e.prediction, e.outcome) for e in entries] == [("a", 1, "new"), ("b", 0, "shrunk"), ("c", 1, "inside")]
+    assert [(e.job_id, e.prediction, e.outcome) for e in entries] == [
+        ("a", 1, "new"), ("b", 0, "shrunk"), ("c", 1, "inside")]
     assert [e.radius for e in entries] == [a.radius, b.radius, c.radius]
     fresh = shared(store)  # another worker's copy sees the same certificates
     fresh.sync()
@@ -166,7 +167,8 @@ def test_certify_with_memory_answers_redelivers_and_commits_once(store, certifie
     answered = certify_with_memory(certifier, mem, near, "job-2", **kw)
     assert answered.samples == 0 and answered.memory.outcome == "inside" and answered.memory.entry is None
     assert answered.memory.conflict == 0 and 0 < answered.radius < first.radius
-    assert store.memory_size(certifier.namespace)[0] == 1 and store.memory_entry_of(certifier.namespace, "job-2") is None
+    assert store.memory_size(certifier.namespace)[0] == 1
+    assert store.memory_entry_of(certifier.namespace, "job-2") is None
 
 
 def shared_copy(store: Store, certifier: Certifier) -> SharedMemory:
