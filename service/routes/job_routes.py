@@ -1,0 +1,61 @@
+"""The routes of a job kind: submit (JSON or multipart), read (long-poll with `?wait=`),
+cancel. Certifications and predictions differ only in their schemas and parameter checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import jobs
+from service.bodies import read_job_body, request_body_doc
+from service.deps import CallerDep, IdempotencyKeyDep, SettingsDep, StoreDep
+from service.errors import responses
+from service.inputs import decode_input
+from service.parameters import model_spec
+from service.schemas import JobOut, JobStatus
+from service.store import JobKind
+
+WaitQuery = Annotated[float, Query(ge=0, description="long-poll: wait up to this many seconds "
+                                                     "(capped by the server) for the job to end")]
+
+
+def job_router(kind: JobKind, *, request_model: type, params_model: type, out_model: type[JobOut],
+               to_request: Callable[..., dict[str, Any]], summary: str) -> APIRouter:
+    """`/v1/{kind}s` with routes named create_/get_/cancel_{kind} (stable operation ids)."""
+    path = f"/v1/{kind}s"
+    router = APIRouter(prefix=path, tags=[f"{kind}s"])
+
+    @router.post("", status_code=202, response_model=out_model, name=f"create_{kind}",
+                 description=summary, openapi_extra=request_body_doc(request_model, params_model),
+                 responses=responses(401, 404, 409, 413, 415, 422, 429, 503))
+    async def create(request: Request, response: Response, settings: SettingsDep, store: StoreDep,
+                     caller: CallerDep, idempotency_key: IdempotencyKeyDep = None):
+        params, upload = await read_job_body(request, request_model, params_model)
+        model = await jobs.find_model(store, params.model)
+        spec = model_spec(model)
+        job_request = to_request(params, spec, settings)
+        source = upload if upload is not None else params.input
+        input_bytes = await run_in_threadpool(decode_input, source, spec, max_pixels=settings.max_pixels)
+        job = await jobs.submit(store, settings, caller, kind, model, job_request,
+                                input_bytes, idempotency_key, seed_given=params.seed is not None)
+        response.headers["Location"] = f"{path}/{job.id}"
+        return out_model(id=job.id, status=job.status)
+
+    @router.get("/{job_id}", response_model=JobStatus, name=f"get_{kind}",
+                description="The job's status, progress and result.",
+                responses=responses(401, 404, 422, 503))
+    async def get(job_id: str, settings: SettingsDep, store: StoreDep, caller: CallerDep,
+                  wait: WaitQuery = 0) -> JobStatus:
+        seconds = min(wait, settings.max_wait_seconds)
+        return jobs.status(await jobs.wait(store, caller, kind, job_id, seconds))
+
+    @router.delete("/{job_id}", status_code=202, response_model=JobStatus, name=f"cancel_{kind}",
+                   description="Cancel: a queued job at once, a running one at its next batch.",
+                   responses=responses(401, 404, 503))
+    async def cancel(job_id: str, store: StoreDep, caller: CallerDep) -> JobStatus:
+        return jobs.status(await jobs.cancel(store, caller, kind, job_id))
+
+    return router
