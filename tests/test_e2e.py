@@ -151,3 +151,15 @@ def test_cli_certify_wait(stack):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert '"prediction": 9' in out.stdout
+
+
+def test_readme_sdk_example_runs(stack, monkeypatch, capsys):
+    from .test_readme import python_block
+
+    monkeypatch.setenv("SMOOTHCERT_URL", stack)
+    monkeypatch.setenv("SMOOTHCERT_API_KEY", USER)
+    monkeypatch.chdir(ROOT)
+    code = python_block("## The service").replace('sigma_search="ddrs")', 'sigma_search="ddrs", n=2000)')
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
+    last = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert last[0] == "7" and float(last[1]) > 0 and last[2] in ("new", "inside", "shrunk")

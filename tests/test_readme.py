@@ -13,8 +13,14 @@ from smoothcert.bundle import ModelSpec, save_bundle
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
+def python_block(heading: str) -> str:
+    """The first Python code block after `heading` in the README."""
+    text = README.read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(heading):], re.DOTALL).group(1)
+
+
 def test_python_example_runs(tmp_path):
-    block = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    block = python_block("## The engine in Python")
     spec = ModelSpec.from_json({"name": "digits", "input_shape": [1, 8, 8], "num_classes": 10,
                                 "sigma": {"default": 0.25, "min": 0.05, "max": 1.0},
                                 "normalize": {"mean": [0.5], "std": [0.5]}, "architecture": "digits_cnn"})
