@@ -166,8 +166,10 @@ def run_job(store: Store, runtime: ModelRuntime, job_id: str, settings: Settings
         store.count("samples_total", answer.samples)
         store.count("engine_seconds_total", answer.seconds)
         if store.finish_job(job_id, "succeeded", result=result):
-            outcome = "abstained" if answer.abstained else "answered"
-            store.count(f"{outcome}_total:{job.kind}")
+            # answered_total counts every answer; abstained_total the abstentions among them.
+            store.count(f"answered_total:{job.kind}")
+            if answer.abstained:
+                store.count(f"abstained_total:{job.kind}")
     return _status(store, job_id)
 
 
