@@ -1,4 +1,5 @@
-"""`smoothcert up`: the whole stack on one machine, for a laptop or a demo.
+"""`smoothcert up`: the whole stack on one machine, for a laptop or a demo; and
+`smoothcert register-model`, which provisions the registry of any stack.
 
 Starts, in order: a private `redis-server` (only if none answers at SMOOTHCERT_REDIS_URL),
 one Celery worker, and uvicorn; registers the bundled demo model; generates an admin and a
@@ -47,6 +48,22 @@ def register(subparsers) -> None:
     up.add_argument("--model", action="append", default=[], metavar="BUNDLE",
                     help="register this bundle too (directory or .zip); the demo model always is")
     up.set_defaults(run=run)
+    reg = subparsers.add_parser(
+        "register-model", help="put bundles into the registry at SMOOTHCERT_REDIS_URL (operators)",
+        description="Register bundles (directories or .zip) directly in Redis, under their model.json "
+                    "names; for provisioning (docker compose's `models` service). Over HTTP, admins "
+                    "use POST /v1/models instead.")
+    reg.add_argument("bundles", nargs="+", metavar="BUNDLE")
+    reg.set_defaults(run=run_register)
+
+
+def run_register(args: argparse.Namespace) -> int:
+    settings = Settings()
+    store = Store.from_url(settings.redis_url, prefix=settings.key_prefix)
+    for bundle in args.bundles:
+        name = register_bundle(store, bundle)
+        print(f"registered {name} ({store.get_model(name).digest}) from {bundle}")
+    return 0
 
 
 def register_bundle(store: Store, source: str | os.PathLike) -> str:

@@ -48,7 +48,7 @@ def test_certify_round_trip(world):
         status = job.status()
     r = status.result
     assert status.done and r.prediction == 7 and r.label == "7" and not r.abstained
-    assert 0 < r.radius and r.sigma == 0.25 and r.bound == "cohen" and (r.n0, r.n, r.alpha) == (100, 1000, 0.001)
+    assert r.radius > 0 and r.sigma == 0.25 and r.bound == "cohen" and (r.n0, r.n, r.alpha) == (100, 1000, 0.001)
     assert r.model.name == "digits" and r.model.digest == store.get_model("digits").digest
     assert r.memory is not None and not r.memory.used
     assert r.extra["seed"] == 5 and r.extra["numeric_mode"] == "fp32"

@@ -41,3 +41,11 @@ def test_up_runs_the_stack_and_stops_it_all(tmp_path):
     time.sleep(1)
     leftovers = subprocess.run(["pgrep", "-f", f"{redis_port}|--port {api_port}"], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", f"processes left behind: {leftovers.stdout}"
+
+
+def test_register_model_provisions_the_registry(redis_url, redis_client):
+    env = dict(os.environ, SMOOTHCERT_REDIS_URL=redis_url)
+    out = subprocess.run([sys.executable, "-m", "smoothcert.cli", "register-model", "models/digits"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.startswith("registered digits (sha256:")
+    assert redis_client.sismember("sc:models", "digits")
