@@ -1,4 +1,4 @@
-"""Small built-in data sets for the demo model, tests and examples.
+"""Data sets for training and evaluation: the built-in digits, .npz files, ImageFolder trees.
 
 `load_digits_split` is scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes, UCI
 Optical Recognition of Handwritten Digits test set), so it needs no download and trains in
@@ -7,7 +7,13 @@ seconds on a CPU.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+
+from smoothcert.imageio import decode_image, to_unit_float
 
 
 def load_digits_split(
@@ -34,3 +40,81 @@ def load_digits_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
     return (np.ascontiguousarray(x_train), y_train, np.ascontiguousarray(x_test), y_test)
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Images float32 `[N, C, H, W]` in [0, 1] with int64 labels, and where they came from."""
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: tuple[str, ...]
+    source: str
+    split: str
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+SPLITS = ("train", "test")
+BUILTIN_DIGITS = "sklearn-digits"
+
+
+def load_data(source: str | os.PathLike, split: str = "test", *, seed: int = 0) -> Dataset:
+    """One split of a data set, never resized or renormalised (certificates live in the
+    model's own input space):
+
+    - `sklearn-digits`: the fixed seeded, stratified split of `load_digits_split(seed)`;
+    - a `.npz`: arrays `x_train, y_train, x_test, y_test` when present (`split` picks a pair),
+      else `x` and `y`, the whole file being the split asked for; `x` is `[N, C, H, W]` (or
+      `[N, H, W]` for one channel), uint8 0-255 or floats in [0, 1];
+    - a directory in ImageFolder layout (one subfolder of PNG/JPEG images per class, sorted
+      names are the classes); with `train/` and `test/` subfolders, `split` picks one.
+    Any problem raises ValueError (ImageError for pixel data) with a message that says what.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    name = os.fspath(source)
+    if name == BUILTIN_DIGITS:
+        x_train, y_train, x_test, y_test = load_digits_split(seed)
+        x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
+        return Dataset(x, y, tuple(str(i) for i in range(10)), name, split)
+    path = Path(name)
+    if path.is_file() and path.suffix == ".npz":
+        return _load_npz(path, split)
+    if path.is_dir():
+        if (path / split).is_dir():
+            path = path / split
+        return _load_image_folder(path, name, split)
+    raise ValueError(f"{name!r} is neither {BUILTIN_DIGITS!r}, an .npz file nor an ImageFolder directory")
+
+
+def _load_npz(path: Path, split: str) -> Dataset:
+    with np.load(path, allow_pickle=False) as archive:
+        keys = set(archive.files)
+        xk, yk = (f"x_{split}", f"y_{split}") if {f"x_{split}", f"y_{split}"} <= keys else ("x", "y")
+        if not {xk, yk} <= keys:
+            raise ValueError(f"{path}: needs arrays x and y (or x_{split} and y_{split}); it holds {sorted(keys)}")
+        x, y = archive[xk], archive[yk]
+    x = to_unit_float(x[:, None] if x.ndim == 3 else x, f"{path}:{xk}")
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
+        raise ValueError(f"{path}: {xk} must be [N, C, H, W] and {yk} N labels ≥ 0, "
+                         f"got {x.shape} and {y.shape} {y.dtype}")
+    classes = tuple(str(i) for i in range(int(y.max()) + 1 if len(y) else 0))
+    return Dataset(np.ascontiguousarray(x), y.astype(np.int64), classes, str(path), split)
+
+
+def _load_image_folder(path: Path, source: str, split: str) -> Dataset:
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{path}: an ImageFolder directory holds one subfolder per class")
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for file in sorted((path / cls).iterdir()):
+            if file.suffix.lower() in (".png", ".jpg", ".jpeg"):
+                images.append(decode_image(file.read_bytes()))
+                labels.append(label)
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"{path}: images must share one shape (nothing is resized), found {sorted(shapes)}")
+    return Dataset(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(classes), source, split)

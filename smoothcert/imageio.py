@@ -34,6 +34,7 @@ __all__ = [
     "decode_npy",
     "encode_png",
     "from_nested",
+    "to_unit_float",
     "load_inputs",
 ]
 
@@ -175,7 +176,7 @@ def encode_png(array: np.ndarray) -> bytes:
     if a.ndim != 3 or a.shape[0] not in (1, 3):
         raise ImageError(f"PNG encoding takes [1|3, H, W] or [H, W], got shape {a.shape}")
     if a.dtype != np.uint8:
-        a = _to_unit_float(a, "array")
+        a = to_unit_float(a, "array")
         a = np.rint(a.astype(np.float64) * 255.0).astype(np.uint8)
     if a.shape[0] == 1:
         image = Image.fromarray(np.ascontiguousarray(a[0]), mode="L")
@@ -195,7 +196,7 @@ def decode_npy(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     Never unpickles. Accepts uint8 (divided by 255) and float16/32/64 (finite, in [0, 1]);
     refuses bool, other integer types and anything else, naming the problem.
     """
-    array = _to_unit_float(_load_npy(bytes(data), max_pixels), "array")
+    array = to_unit_float(_load_npy(bytes(data), max_pixels), "array")
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
@@ -254,7 +255,7 @@ def _check_dtype(dtype: np.dtype) -> None:
     raise ImageError(f"dtype {dtype} is refused: send {_ACCEPTED_DTYPES}")
 
 
-def _to_unit_float(array: np.ndarray, what: str) -> np.ndarray:
+def to_unit_float(array: np.ndarray, what: str) -> np.ndarray:
     """`array` as float32 in [0, 1]: uint8 divided by 255, floats checked, all else refused."""
     _check_dtype(array.dtype)
     if array.dtype == np.uint8:
@@ -297,7 +298,7 @@ def from_nested(values: object, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         array = np.array(values, dtype=np.float64)
     except (OverflowError, ValueError, TypeError) as exc:
         raise ImageError(f"tensor holds a value that is not a usable number: {exc}") from None
-    array = _to_unit_float(array, "tensor")
+    array = to_unit_float(array, "tensor")
     return array[None] if array.ndim == 2 else array
 
 
@@ -440,7 +441,7 @@ def _batch_items(
     always_index: bool,
 ) -> list[InputItem]:
     """Split `array` (one input or a batch of them) into items; attach `labels` if given."""
-    array = _to_unit_float(array, "array")
+    array = to_unit_float(array, "array")
     c, h, w = shape
     if array.shape == shape or (c == 1 and array.shape == (h, w)):
         batch = array.reshape((1, *shape))

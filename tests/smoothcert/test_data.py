@@ -59,3 +59,45 @@ def test_split_is_stratified():
 def test_bad_fraction_is_refused(fraction):
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits_split(test_fraction=fraction)
+
+
+def test_load_data_sources(tmp_path):
+    from smoothcert.data import load_data
+    from smoothcert.imageio import encode_png
+
+    digits = load_data("sklearn-digits", "train")
+    assert digits.x.shape[1:] == (1, 8, 8) and len(digits) == len(digits.y) and digits.classes[9] == "9"
+
+    x = np.random.default_rng(0).integers(0, 256, (6, 3, 4, 4), dtype=np.uint8)
+    np.savez(tmp_path / "split.npz", x_train=x[:4], y_train=np.arange(4), x_test=x[4:], y_test=np.array([0, 3]))
+    test = load_data(tmp_path / "split.npz", "test")
+    assert test.x.shape == (2, 3, 4, 4) and test.x.dtype == np.float32 and test.y.tolist() == [0, 3]
+    np.testing.assert_allclose(test.x, x[4:] / 255.0, rtol=1e-6)
+    np.savez(tmp_path / "flat.npz", x=np.full((3, 4, 4), 0.5, np.float32), y=np.array([1, 0, 1]))
+    flat = load_data(tmp_path / "flat.npz", "train")
+    assert flat.x.shape == (3, 1, 4, 4) and flat.classes == ("0", "1")
+
+    for split, count in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / "tree" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                (folder / f"{i}.png").write_bytes(encode_png(np.full((1, 4, 4), i / 4, np.float32)))
+    tree = load_data(tmp_path / "tree", "test")
+    assert tree.x.shape == (4, 1, 4, 4) and tree.classes == ("cat", "dog") and tree.y.tolist() == [0, 0, 1, 1]
+
+
+def test_load_data_refusals(tmp_path):
+    from smoothcert.data import load_data
+    from smoothcert.imageio import ImageError
+
+    with pytest.raises(ValueError, match="split"):
+        load_data("sklearn-digits", "validation")
+    with pytest.raises(ValueError, match="neither"):
+        load_data(tmp_path / "missing")
+    np.savez(tmp_path / "bad.npz", x=np.full((2, 1, 4, 4), 2.0, np.float32), y=np.array([0, 1]))
+    with pytest.raises(ImageError, match=r"\[0, 1\]"):
+        load_data(tmp_path / "bad.npz")
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((2, 1, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="needs arrays x and y"):
+        load_data(tmp_path / "nolabels.npz")
