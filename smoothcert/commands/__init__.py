@@ -1,0 +1,2 @@
+"""The engine's commands: one module each, with `register(subparsers)`; `smoothcert.cli`
+assembles them."""
