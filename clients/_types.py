@@ -27,7 +27,7 @@ __all__ = [
     "Progress",
 ]
 
-JobKind = Literal["certification", "prediction"]
+JobKind = Literal["certification", "prediction", "evaluation"]
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 

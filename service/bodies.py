@@ -53,27 +53,27 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_job_body(request: Request, json_model: type[M], form_model: type[BaseModel]
-                        ) -> tuple[BaseModel, bytes | None]:
+async def read_job_body(request: Request, json_model: type[M], form_model: type[BaseModel],
+                        file_field: str = "image") -> tuple[BaseModel, bytes | None]:
     """(validated request, uploaded file bytes or None): `json_model` for a JSON body (with
-    its `input`), `form_model` for a multipart form (its `image` file is the input)."""
+    its input), `form_model` for a multipart form (its `file_field` file is the input)."""
     media = _media_type(request)
     if media == "application/json" or media.endswith("+json"):
         return validate(json_model, parse_json(await request.body())), None
     if media != "multipart/form-data":
         raise APIError(415, "unsupported_media_type",
-                       "send application/json, or multipart/form-data with an 'image' file")
+                       f"send application/json, or multipart/form-data with an '{file_field}' file")
     form = await request.form(max_files=1, max_fields=32, max_part_size=_MAX_FIELD_BYTES)
     try:
         fields: dict[str, Any] = {}
-        image: bytes | None = None
+        upload: bytes | None = None
         for key, value in form.multi_items():
-            if key in fields or (key == "image" and image is not None):
+            if key in fields or (key == file_field and upload is not None):
                 raise InvalidRequest(f"{key}: given more than once")
-            if key == "image":
+            if key == file_field:
                 if not isinstance(value, UploadFile):
-                    raise InvalidRequest("image: must be a file part (PNG, JPEG or .npy)")
-                image = await value.read()
+                    raise InvalidRequest(f"{file_field}: must be a file part")
+                upload = await value.read()
             elif isinstance(value, UploadFile):
                 raise InvalidRequest(f"{key}: must be a form field, not a file")
             else:
@@ -81,16 +81,17 @@ async def read_job_body(request: Request, json_model: type[M], form_model: type[
     finally:
         await form.close()
     params = validate(form_model, fields)
-    if image is None:
-        raise InvalidRequest("image: a multipart request needs an 'image' file part")
-    return params, image
+    if upload is None:
+        raise InvalidRequest(f"{file_field}: a multipart request needs a file part named '{file_field}'")
+    return params, upload
 
 
-def request_body_doc(json_model: type[BaseModel], form_model: type[BaseModel]) -> dict[str, Any]:
+def request_body_doc(json_model: type[BaseModel], form_model: type[BaseModel],
+                     file_field: str = "image") -> dict[str, Any]:
     """`openapi_extra` documenting both bodies of a route that reads them itself; the
     schemas are added to the components by `service.main`."""
     form = {"allOf": [{"$ref": f"#/components/schemas/{form_model.__name__}"}],
-            "properties": {"image": {"type": "string", "format": "binary"}}}
+            "properties": {file_field: {"type": "string", "format": "binary"}}}
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
         "multipart/form-data": {"schema": form},

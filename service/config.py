@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_batch_size: Positive = 20_000
     max_queue: Positive = 10_000
     max_wait_seconds: Annotated[float, Field(gt=0, le=300)] = 30.0
+    max_dataset_bytes: Positive = 64 * 2**20
+    max_evaluation_examples: Positive = 10_000
 
     # Jobs and their inputs expire this long after they are created.
     job_ttl_seconds: Positive = 24 * 3600

@@ -19,10 +19,12 @@ from redis.retry import Retry
 
 from service import errors
 from service.config import Settings, get_settings
-from service.routes import certifications, health, infer, metrics, models, predictions
+from service.routes import certifications, evaluations, health, infer, metrics, models, predictions
 from service.schemas import (
     CertificationParams,
     CertificationRequest,
+    EvaluationParams,
+    EvaluationRequest,
     PredictionParams,
     PredictionRequest,
 )
@@ -31,7 +33,8 @@ from smoothcert import __version__
 
 # Multipart framing around an uploaded bundle, on top of the bundle's own size limit.
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
-_MANUAL_BODIES = (CertificationRequest, CertificationParams, PredictionRequest, PredictionParams)
+_MANUAL_BODIES = (CertificationRequest, CertificationParams, PredictionRequest, PredictionParams,
+                  EvaluationRequest, EvaluationParams)
 
 
 def operation_id(route: APIRoute) -> str:
@@ -82,8 +85,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store
     errors.install(app)
     app.add_middleware(errors.BodyLimit, default=settings.max_body_bytes, limits={
-        ("POST", "/v1/models"): settings.max_bundle_bytes + UPLOAD_OVERHEAD_BYTES})
-    for module in (certifications, predictions, models, infer, health, metrics):
+        ("POST", "/v1/models"): settings.max_bundle_bytes + UPLOAD_OVERHEAD_BYTES,
+        ("POST", "/v1/evaluations"): settings.max_dataset_bytes + UPLOAD_OVERHEAD_BYTES})
+    for module in (certifications, predictions, evaluations, models, infer, health, metrics):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from service.config import Settings
 from service.errors import APIError, InvalidRequest
-from service.schemas import CertificationParams
+from service.schemas import CertificationParams, EvaluationParams
 from service.store import ModelRecord
 from smoothcert.bounds import (
     InvalidParameters,
@@ -81,6 +81,11 @@ def certification(p: CertificationParams, spec: ModelSpec, settings: Settings) -
         "memory": p.memory if p.memory is not None else search is not None,
         "seed": _seed(p.seed),
     }
+
+
+def evaluation(p: EvaluationParams, spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+    """The stored request of an evaluation: a certification's, plus every and limit."""
+    return certification(p, spec, settings) | {"every": p.every, "limit": p.limit}
 
 
 class _PredictParams(Protocol):

@@ -11,8 +11,11 @@ from celery import Celery
 
 CERTIFY_TASK = "smoothcert.certify"
 PREDICT_TASK = "smoothcert.predict"
-QUEUES = {CERTIFY_TASK: "certifications", PREDICT_TASK: "predictions"}
-TASK_OF_KIND = {"certification": CERTIFY_TASK, "prediction": PREDICT_TASK}
+EVALUATE_TASK = "smoothcert.evaluate"
+QUEUES = {CERTIFY_TASK: "certifications", PREDICT_TASK: "predictions", EVALUATE_TASK: "evaluations"}
+TASK_OF_KIND = {"certification": CERTIFY_TASK, "prediction": PREDICT_TASK, "evaluation": EVALUATE_TASK}
+# What a worker consumes by default: every queue, in the order they are named here.
+ALL_QUEUES = ",".join(dict.fromkeys(QUEUES.values()))
 
 
 def broker_options(visibility_timeout: int) -> dict:

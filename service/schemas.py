@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.store import JobKind, JobState
+
 ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]  # the upper limits come from the settings
@@ -89,6 +91,17 @@ class CertificationRequest(CertificationParams):
     input: ImageInput
 
 
+class EvaluationParams(CertificationParams):
+    """A certification of every `every`-th example of an uploaded dataset, in order."""
+
+    every: Count = Field(1, description="certify every k-th example")
+    limit: Count | None = Field(None, description="at most this many examples")
+
+
+class EvaluationRequest(EvaluationParams):
+    dataset_b64: str = Field(description="an .npz (x, y) or a zip of class folders, base64")
+
+
 class PredictionParams(_Strict):
     model: ModelName
     sigma: Sigma | None = Field(None, description="default: the model's σ")
@@ -148,6 +161,10 @@ class CertificationOut(JobOut):
     pass
 
 
+class EvaluationOut(JobOut):
+    pass
+
+
 class PredictionOut(JobOut):
     pass
 
@@ -165,8 +182,8 @@ class ModelRef(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
-    kind: Literal["certification", "prediction"]
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    kind: JobKind
+    status: JobState
     progress: ProgressOut | None
     result: dict[str, Any] | None
     error: ErrorOut | None

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel
 
-JobKind = Literal["certification", "prediction"]
+JobKind = Literal["certification", "prediction", "evaluation"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -217,6 +217,13 @@ class Store:
 
     def get_input(self, job_id: str) -> bytes | None:
         return self.r.get(self._input(job_id))
+
+    def put_artifact(self, job_id: str, name: str, data: bytes) -> None:
+        """A file a job produced (an evaluation's curve.png, results.tsv); expires with the job."""
+        self.r.set(f"{self.p}:artifact:{job_id}:{name}", data, ex=self.ttl)
+
+    def get_artifact(self, job_id: str, name: str) -> bytes | None:
+        return self.r.get(f"{self.p}:artifact:{job_id}:{name}")
 
     def open_jobs(self) -> int:
         """Jobs queued or running (what the queue-length limit counts). A job whose record

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from service.config import Settings
+from service.queue import ALL_QUEUES
 from service.store import Store
 from smoothcert.archive import inspect_bundle, read_bundle_files, zip_bundle
 
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         names = [register_bundle(store, b) for b in [DEMO_BUNDLE, *args.model]]
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
-             "-Q", "certifications,predictions", "--concurrency=1", "-n", "smoothcert-up@%h"],
+             "-Q", ALL_QUEUES, "--concurrency=1", "-n", "smoothcert-up@%h"],
             env=env, cwd=ROOT, stdout=open(state / "worker.log", "ab"), stderr=subprocess.STDOUT,
         ))
         procs.append(subprocess.Popen(

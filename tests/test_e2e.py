@@ -57,7 +57,7 @@ def stack(redis_url, tmp_path_factory):
     port = free_port()
     procs = [
         _spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
-                "-Q", "certifications,predictions", "--concurrency=1", "-n", "e2e@%h"], env, logs / "worker.log"),
+                "-Q", "certifications,predictions,evaluations", "--concurrency=1", "-n", "e2e@%h"], env, logs / "worker.log"),
         _spawn([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port)],
                env, logs / "api.log"),
     ]

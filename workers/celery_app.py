@@ -1,4 +1,4 @@
-"""The workers' Celery app: `celery -A workers.celery_app worker -Q certifications,predictions`.
+"""The workers' Celery app: `celery -A workers.celery_app worker -Q certifications,predictions,evaluations`.
 
 Delivery policy: a task is acknowledged only after it ran (`acks_late`), and requeued when
 its worker process dies (`reject_on_worker_lost`); a whole worker that dies leaves the

@@ -11,34 +11,43 @@ from starlette.concurrency import run_in_threadpool
 
 from service import jobs
 from service.bodies import read_job_body, request_body_doc
+from service.config import Settings
 from service.deps import CallerDep, IdempotencyKeyDep, SettingsDep, StoreDep
 from service.errors import responses
 from service.inputs import decode_input
 from service.parameters import model_spec
 from service.schemas import JobOut, JobStatus
 from service.store import JobKind
+from smoothcert.manifest import ModelSpec
 
 WaitQuery = Annotated[float, Query(ge=0, description="long-poll: wait up to this many seconds "
                                                      "(capped by the server) for the job to end")]
 
 
+def image_input(params: Any, upload: bytes | None, spec: ModelSpec, settings: Settings) -> bytes:
+    """The stored input of an image job: the uploaded file or the JSON `input`."""
+    source = upload if upload is not None else params.input
+    return decode_input(source, spec, max_pixels=settings.max_pixels)
+
+
 def job_router(kind: JobKind, *, request_model: type, params_model: type, out_model: type[JobOut],
-               to_request: Callable[..., dict[str, Any]], summary: str) -> APIRouter:
-    """`/v1/{kind}s` with routes named create_/get_/cancel_{kind} (stable operation ids)."""
+               to_request: Callable[..., dict[str, Any]], summary: str,
+               decode: Callable[..., bytes] = image_input, file_field: str = "image") -> APIRouter:
+    """`/v1/{kind}s` with routes named create_/get_/cancel_{kind} (stable operation ids).
+    `decode(params, upload, spec, settings)` makes the stored input (4xx on bad input)."""
     path = f"/v1/{kind}s"
     router = APIRouter(prefix=path, tags=[f"{kind}s"])
 
     @router.post("", status_code=202, response_model=out_model, name=f"create_{kind}",
-                 description=summary, openapi_extra=request_body_doc(request_model, params_model),
+                 description=summary, openapi_extra=request_body_doc(request_model, params_model, file_field),
                  responses=responses(401, 404, 409, 413, 415, 422, 429, 503))
     async def create(request: Request, response: Response, settings: SettingsDep, store: StoreDep,
                      caller: CallerDep, idempotency_key: IdempotencyKeyDep = None):
-        params, upload = await read_job_body(request, request_model, params_model)
+        params, upload = await read_job_body(request, request_model, params_model, file_field)
         model = await jobs.find_model(store, params.model)
         spec = model_spec(model)
         job_request = to_request(params, spec, settings)
-        source = upload if upload is not None else params.input
-        input_bytes = await run_in_threadpool(decode_input, source, spec, max_pixels=settings.max_pixels)
+        input_bytes = await run_in_threadpool(decode, params, upload, spec, settings)
         job = await jobs.submit(store, settings, caller, kind, model, job_request,
                                 input_bytes, idempotency_key, seed_given=params.seed is not None)
         response.headers["Location"] = f"{path}/{job.id}"

@@ -73,6 +73,8 @@ def test_openapi_operation_ids_are_stable(client):
         "predictions-get_prediction", "predictions-cancel_prediction", "models-list_models",
         "models-get_model", "models-upload_model", "models-get_memory", "models-reset_memory",
         "inference-infer", "health-live", "health-ready", "metrics-metrics",
+        "evaluations-create_evaluation", "evaluations-get_evaluation", "evaluations-cancel_evaluation",
+        "evaluations-get_evaluation_curve", "evaluations-get_evaluation_results",
     }
     body = spec["paths"]["/v1/certifications"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}

@@ -152,7 +152,7 @@ def test_bad_multipart(client, store, redis_client):
     ok = {"model": "digits", "sigma": "0.25", "n": "1000"}
     png = base64.b64decode(png_b64(X))
     cases = [  # (files, fields, words of the message)
-        ({"seed": (None, "3")}, ok, "needs an 'image' file"),  # multipart without a file
+        ({"seed": (None, "3")}, ok, "needs a file part named 'image'"),  # multipart without a file
         ({"image": ("x.png", png), "other": ("o.png", png)}, ok, "files"),  # a 400 of the parser
         ({"image": ("x.png", b"junk")}, ok, "unsupported image format"),
         ({"image": ("x.png", png)}, ok | {"n": "many"}, "n"),

@@ -32,7 +32,7 @@ def celery_worker(redis_url: str, name: str, log: pathlib.Path) -> Iterator[subp
         "SMOOTHCERT_HEARTBEAT_SECONDS": "1", "SMOOTHCERT_DEVICE": "cpu", "OMP_NUM_THREADS": "1",
     }
     cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
-           "certifications,predictions", "--pool=prefork", "--concurrency=1", "-n", f"{name}@%h",
+           "certifications,predictions,evaluations", "--pool=prefork", "--concurrency=1", "-n", f"{name}@%h",
            "--loglevel=INFO", "--without-gossip", "--without-mingle"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
