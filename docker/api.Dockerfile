@@ -20,7 +20,7 @@ WORKDIR /app
 # Dependencies first: this layer is rebuilt only when pyproject.toml changes.
 COPY pyproject.toml README.md ./
 COPY docker/requirements.py docker/requirements.py
-RUN python docker/requirements.py --exclude torch torchvision scikit-learn > /tmp/requirements.txt \
+RUN python docker/requirements.py --exclude torch torchvision scikit-learn matplotlib > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from clients import Client, NotFoundError, PermissionDeniedError
+from service.queue import ALL_QUEUES
 from service.store import Store
 from service.up import DEMO_BUNDLE, register_bundle
 
@@ -57,7 +58,7 @@ def stack(redis_url, tmp_path_factory):
     port = free_port()
     procs = [
         _spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
-                "-Q", "certifications,predictions,evaluations", "--concurrency=1", "-n", "e2e@%h"], env, logs / "worker.log"),
+                "-Q", ALL_QUEUES, "--concurrency=1", "-n", "e2e@%h"], env, logs / "worker.log"),
         _spawn([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port)],
                env, logs / "api.log"),
     ]
@@ -163,3 +164,26 @@ def test_readme_sdk_example_runs(stack, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
     last = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert last[0] == "7" and float(last[1]) > 0 and last[2] in ("new", "inside", "shrunk")
+
+
+def test_evaluation_job_over_http(stack):
+    import numpy as np
+
+    from smoothcert.data import load_data
+
+    data = load_data("sklearn-digits", "test")
+    buffer = io.BytesIO()
+    np.savez(buffer, x=data.x[:4], y=data.y[:4])
+    headers = {"Authorization": f"Bearer {USER}"}
+    r = httpx.post(f"{stack}/v1/evaluations", headers=headers,
+                   data={"model": "digits", "n": "500", "alpha": "0.01", "seed": "1"},
+                   files={"dataset": ("test.npz", buffer.getvalue())})
+    assert r.status_code == 202, r.text
+    url = f"{stack}{r.headers['location']}"
+    deadline = time.monotonic() + 120
+    while (job := httpx.get(f"{url}?wait=10", headers=headers, timeout=30).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+    assert job["status"] == "succeeded", job
+    assert job["result"]["count"] == 4 and job["result"]["clean_accuracy"] >= 0.75
+    curve = httpx.get(f"{url}/curve.png", headers=headers)
+    assert curve.status_code == 200 and curve.content.startswith(b"\x89PNG")

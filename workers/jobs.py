@@ -15,7 +15,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,8 @@ from service.config import Settings
 from service.store import JobRecord, Store
 from smoothcert.bounds import InvalidParameters
 from smoothcert.bundle import BundleError
+from smoothcert.data import Dataset
+from smoothcert.evaluation import EvaluationRun, evaluate, write_run
 from smoothcert.memory import MemoryFull
 from smoothcert.results import Certificate, Prediction
 from smoothcert.sampling import Cancelled
@@ -34,6 +39,15 @@ from workers.runtime import LoadedModel, ModelRuntime
 log = logging.getLogger(__name__)
 
 CANCELLED = {"code": "cancelled", "message": "cancelled by the client"}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a finished job spent and whether it abstained (for the metrics)."""
+
+    samples: int
+    seconds: float
+    abstained: bool
 
 
 class ProgressWriter:
@@ -114,23 +128,65 @@ def prediction_result(pred: Prediction, job: JobRecord, model: LoadedModel) -> d
     }
 
 
-def execute(store: Store, runtime: ModelRuntime, job: JobRecord) -> tuple[dict, Certificate | Prediction]:
+class EvaluationProgress:
+    """An evaluation's progress as the job shows it: stage "evaluation", examples done of
+    the examples to certify (the samples of each example are not shown)."""
+
+    def __init__(self, store: Store, job_id: str, total: int):
+        self.store, self.job_id, self.total, self.done = store, job_id, total, 0
+        store.set_progress(job_id, "evaluation", 0, total)
+
+    def stage(self, stage: str, done: int, total: int) -> None:
+        pass
+
+    def advance(self, note: str = "") -> None:
+        self.done += 1
+        self.store.set_progress(self.job_id, "evaluation", self.done, self.total)
+
+
+def run_evaluation(store: Store, model: LoadedModel, job: JobRecord) -> tuple[dict, EvaluationRun]:
+    """Evaluate the uploaded dataset (a fresh memory of its own when asked: an evaluation
+    measures the model and never writes the shared memory); store results.tsv and curve.png
+    beside the job; the summary is the result."""
+    with np.load(io.BytesIO(store.get_input(job.id)), allow_pickle=False) as data:
+        dataset = Dataset(data["x"], data["y"], model.certifier.spec.labels, f"upload:{job.id}", "test")
+    req = job.request
+    total = len(range(0, len(dataset), req["every"])[:req["limit"]])
+    run = evaluate(
+        model.certifier, dataset, every=req["every"], limit=req["limit"],
+        sigma_search=sigma_search_of(req.get("sigma_search")), memory=bool(req["memory"]),
+        progress=EvaluationProgress(store, job.id, total), cancel=lambda: store.cancel_requested(job.id),
+        **_present(req, "sigma", "bound", "n0", "n", "alpha", "batch_size", "seed"),
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        summary = write_run(folder, run)
+        for name in ("curve.png", "results.tsv"):
+            store.put_artifact(job.id, name, (Path(folder) / name).read_bytes())
+    return summary, run
+
+
+def execute(store: Store, runtime: ModelRuntime, job: JobRecord) -> tuple[dict, Answer]:
     """Run the engine for a started job; raises what `run_job` turns into errors."""
-    x = load_input(store, job.id)
     model = runtime.get(job.digest)
+    if job.kind == "evaluation":
+        summary, run = run_evaluation(store, model, job)
+        spent = Answer(sum(r.certificate.samples for r in run.rows),
+                       sum(r.certificate.seconds for r in run.rows), False)
+        return summary, spent
+    x = load_input(store, job.id)
     progress = ProgressWriter(store, job.id)
     common = {"progress": progress, "cancel": lambda: store.cancel_requested(job.id)}
     req = job.request
     if job.kind == "prediction":
         pred = model.predict(x, **_present(req, "sigma", "n", "alpha", "batch_size", "seed"), **common)
-        return prediction_result(pred, job, model), pred
+        return prediction_result(pred, job, model), Answer(pred.samples, pred.seconds, pred.abstained)
     memory = bool(req.get("memory", False))
     cert = model.certify(
         x, job.id, memory=memory, on_commit=lambda spent: store.set_progress(job.id, "memory", spent, spent),
         sigma_search=sigma_search_of(req.get("sigma_search")),
         **_present(req, "sigma", "bound", "n0", "n", "alpha", "batch_size", "seed"), **common,
     )
-    return certification_result(cert, job, model, memory), cert
+    return certification_result(cert, job, model, memory), Answer(cert.samples, cert.seconds, cert.abstained)
 
 
 def run_job(store: Store, runtime: ModelRuntime, job_id: str, settings: Settings) -> str | None:

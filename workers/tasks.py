@@ -12,7 +12,7 @@ from collections.abc import Callable
 from celery import Task
 
 from service.config import get_settings
-from service.queue import CERTIFY_TASK, PREDICT_TASK, QUEUES
+from service.queue import CERTIFY_TASK, EVALUATE_TASK, PREDICT_TASK, QUEUES
 from service.store import Store
 from workers.celery_app import app
 from workers.jobs import run_job
@@ -56,5 +56,11 @@ def certify(self: WorkerTask, job_id: str) -> str | None:
 
 @job_task(PREDICT_TASK)
 def predict(self: WorkerTask, job_id: str) -> str | None:
+    store, runtime = self.resources()
+    return run_job(store, runtime, job_id, get_settings())
+
+
+@job_task(EVALUATE_TASK)
+def evaluate(self: WorkerTask, job_id: str) -> str | None:
     store, runtime = self.resources()
     return run_job(store, runtime, job_id, get_settings())

@@ -1,0 +1,40 @@
+"""The certification options that `certify-local` and `evaluate` share, so they read alike."""
+
+from __future__ import annotations
+
+import argparse
+
+from smoothcert.search import SigmaSearch
+
+
+def add_certification_options(c: argparse.ArgumentParser, *, seed_default: int | None = None,
+                              seed_help: str = "root seed; input i uses a seed derived from it") -> None:
+    """σ or σ search, bound, n0, n, α, batch, seed, memory and device."""
+    sigma = c.add_mutually_exclusive_group()
+    sigma.add_argument("--sigma", type=float, help="fixed noise level (default: the model's)")
+    sigma.add_argument("--sigma-search", choices=("ddrs", "insta"), help="per-input σ search")
+    c.add_argument("--search-steps", type=int, help="σ search steps (ddrs ascent steps, insta rounds)")
+    c.add_argument("--search-lr", type=float, help="ddrs step size")
+    c.add_argument("--search-samples", type=int, help="noisy samples per search step")
+    c.add_argument("--bound", choices=("cohen", "two_sided"), help="default: cohen (DRS bundles: drs)")
+    c.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
+    c.add_argument("--n", type=int, default=100_000, help="estimation samples (default 100000)")
+    c.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    c.add_argument("--batch", type=int, default=1000, help="noisy samples per forward pass")
+    c.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+    c.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the memory rule across the inputs in order "
+                        "(default: on with --sigma-search, off with a fixed σ)")
+    c.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+
+
+def sigma_search(args: argparse.Namespace) -> SigmaSearch | None:
+    """The resolved σ search the options ask for, or None for a fixed σ."""
+    if not args.sigma_search:
+        return None
+    return SigmaSearch(args.sigma_search, args.search_steps, args.search_lr, args.search_samples).resolved()
+
+
+def use_memory(args: argparse.Namespace, search: SigmaSearch | None) -> bool:
+    """--memory/--no-memory, by default on exactly when σ is searched per input (ALGORITHMS §3.1)."""
+    return args.memory if args.memory is not None else search is not None
