@@ -3,9 +3,10 @@
 #
 # No torch here. The API never imports torch (tests/test_layering.py holds that line), but
 # the one `smoothcert` distribution declares torch for the engine and the workers. So the
-# image installs every declared dependency except torch, torchvision and scikit-learn (the
-# engine's training extras), then the project with --no-deps. That saves ~1-5 GB (CPU/CUDA
-# torch) and keeps the API start fast; `pip check` would name the missing torch, on purpose.
+# image installs every declared dependency except torch, torchvision, scikit-learn and
+# matplotlib (the engine's training and plotting needs), then the project with --no-deps.
+# That saves ~1-5 GB (CPU/CUDA torch) and keeps the API start fast; `pip check` would name
+# the missing torch, on purpose.
 # The torch-free engine modules the API does use (manifest, archive, bounds, imageio) need
 # only scipy, numpy and pillow, which are installed.
 FROM python:3.11-slim
