@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-COMMANDS = ("certify_local", "evaluate")  # engine commands, each a module of smoothcert.commands
+COMMANDS = ("certify_local", "train", "evaluate")  # engine commands, each a module of smoothcert.commands
 
 
 def build_parser() -> argparse.ArgumentParser:
