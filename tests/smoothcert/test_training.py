@@ -5,6 +5,7 @@ of an uninterrupted one; the committed demo model loads and certifies its exampl
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from smoothcert.bundle import ModelSpec, load_bundle, save_bundle
 from smoothcert.certifier import Certifier
 from smoothcert.data import load_digits_split
 from smoothcert.imageio import decode_image
-from smoothcert.losses import ddrs_sigma_ascent, feng_step, macer_step
+from smoothcert.losses import FENG_FLOOR, ddrs_sigma_ascent, feng_step, macer_step
 from smoothcert.sigma import ddrs_ascent
 from smoothcert.training import (
     METHODS,
@@ -243,11 +244,25 @@ def test_feng_loss_is_ce_plus_lambda_log_strongest_wrong_class():
         order = torch.argsort(g[b], descending=True)
         top = int(order[0])
         c = int(order[1]) if top == int(y[b]) else top  # runner-up if the top is the label
-        regulariser.append(torch.log(g[b][c]))
+        regulariser.append(torch.log(g[b][c]).clamp(min=math.log(FENG_FLOOR)))
     assert int(torch.argmax(g[0])) == 0 and int(torch.argmax(g[1])) == 1  # both cases present
     torch.testing.assert_close(loss, ce + lam * sum(regulariser) / len(x))
     loss.backward()
     assert torch.isfinite(model.w.grad).all() and 0 <= float(acc) <= 1
+
+
+def test_feng_regulariser_is_floored():
+    """A confident network's runner-up probability (≈ e^-200) sits far below FENG_FLOOR: the
+    term is exactly λ·log FENG_FLOOR and gives no gradient, so nothing rewards larger logits."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[100.0, 100.0], [-100.0, -100.0], [-100.0, -100.0]]))
+        model[1].bias.zero_()
+    x, y = torch.full((4, 1, 1, 2), 0.5), torch.zeros(4, dtype=torch.int64)
+    loss, _ = feng_step(model, x, y, 0.01, torch.Generator().manual_seed(0), 4, 0.5)
+    torch.testing.assert_close(loss, torch.tensor(0.5 * math.log(FENG_FLOOR)), atol=1e-4, rtol=0)
+    loss.backward()
+    assert float(model[1].weight.grad.abs().max()) < 1e-6
 
 
 def test_macer_loss_with_per_example_sigma_by_hand():
