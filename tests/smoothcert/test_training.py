@@ -345,3 +345,33 @@ def test_method_options_are_checked():
     assert (resolved.k, resolved.lam, resolved.sigma_min, resolved.sigma_max) == (8, 0.1, 0.125, 1.0)
     assert MethodOptions(ddrs_loss="macer").resolved("ddrs", 0.5, 4).lam == 12.0
     assert MethodOptions().resolved("insta", 0.5, 5).stage1_epochs == 2
+
+
+def test_feng_lowers_the_runner_up_probability_against_gaussian():
+    """Three overlapping classes of 2×2 images, one linear network, the same seed and epochs:
+    Feng's regulariser leaves clearly less probability on the strongest wrong class of the
+    noisy vote Ĝ than Gaussian augmentation alone (measured on fixed noise)."""
+    from smoothcert.architectures import build_architecture
+    from smoothcert.methods import MethodOptions
+    from smoothcert.training import train
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.3, 0.3, 0.7, 0.7], [0.7, 0.7, 0.3, 0.3], [0.5, 0.5, 0.5, 0.5]])
+    y = torch.arange(3).repeat(200)
+    x = (centers[y] + 0.05 * torch.randn(600, 4, generator=g)).clamp(0, 1).view(600, 1, 2, 2)
+
+    def trained(method: str, **options):
+        torch.manual_seed(0)
+        net = build_architecture("linear", (1, 2, 2), 3)
+        return train(net, x.numpy(), y.numpy(), method=method, sigma=0.25, epochs=30, lr=0.05, seed=0,
+                     options=MethodOptions(**options) if options else None)
+
+    def runner_up(net) -> float:
+        xs, ys = x[:90], y[:90]
+        noise = torch.randn(256, *xs.shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            p = torch.softmax(net((xs[None] + 0.25 * noise).flatten(0, 1)), -1).view(256, 90, 3).mean(0)
+        return float(p.masked_fill(F.one_hot(ys, 3).bool(), -1.0).max(-1).values.mean())
+
+    gaussian, feng = runner_up(trained("gaussian")), runner_up(trained("feng", k=8, lam=1.0))
+    assert feng < 0.85 * gaussian, (feng, gaussian)  # measured here: 0.231 against 0.305
