@@ -29,16 +29,19 @@ evaluate() {  # evaluate RUN MODEL [OPTIONS...]
     --n0 100 --n "$N" --alpha 0.001 --batch "$BATCH" --seed 0 --overwrite --out "$OUT/runs/$run" "$@"
 }
 
-for s in 0.12 0.25 0.5; do train "gaussian-$s" gaussian "$s"; done
+for s in 0.12 0.25 0.35 0.5; do train "gaussian-$s" gaussian "$s"; done
 train feng-0.25 feng 0.25
 train ddrs ddrs 0.25 --sigma-min 0.12 --sigma-max 1.0
 train insta insta 0.25 --sigma-min 0.12 --sigma-max 1.0
 train drs-0.25 drs 0.25 --init "$OUT/models/gaussian-0.25" --epochs "$((EPOCHS / 2))"
 
-for s in 0.12 0.25 0.5; do evaluate "cohen-$s" "gaussian-$s" --sigma "$s"; done
+for s in 0.12 0.25 0.35 0.5; do evaluate "cohen-$s" "gaussian-$s" --sigma "$s"; done
 evaluate two-sided-feng-0.25 feng-0.25 --sigma 0.25 --bound two_sided
 evaluate ddrs-search ddrs --sigma-search ddrs --memory
 evaluate insta-search insta --sigma-search insta --memory
 evaluate drs-0.25 drs-0.25 --sigma 0.25
+# The search alone, on the plain σ = 0.25 model (no data-dependent training); and DRS at σ is
+# compared with standard smoothing at √2·σ ≈ 0.35 (ALGORITHMS.md §5): cohen-0.35 above.
+evaluate ddrs-search-gaussian-0.25 gaussian-0.25 --sigma-search ddrs --memory
 
 .venv/bin/python scripts/evaluation_report.py "$OUT/runs"
