@@ -1,11 +1,12 @@
 # Two entry points for a fresh machine: `make up` (the service, locally) and `make test`.
 # Both create or reuse the virtual environment below and install what they need.
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test up bench clean redis-server
+.PHONY: test up bench reliability clean redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,20 @@ bench: $(STAMP) redis-server
 	  $(PY) benchmarks/$$b.py --json $(BENCH_OUT)/$$b.json 2>&1 | tee $(BENCH_OUT)/$$b.txt; \
 	done
 	@echo "== summary"; grep -H "^PASS\|^FAIL\|^INFO" $(BENCH_OUT)/*.txt || true
+
+# Every reliability scenario at full size (RELIABILITY.md): faults, soak and soundness under
+# load against the real stack; each prints PASS/FAIL lines and writes $(RELIABILITY_OUT)/<name>.json.
+# Not part of test (tests/reliability runs each at a small size). Fails if any check failed.
+RELIABILITY_OUT ?= reliability/results
+SCENARIOS ?= worker_crash redis_restart api_restart timeouts cancellation soak soundness
+reliability: $(STAMP) redis-server
+	mkdir -p $(RELIABILITY_OUT)
+	@status=0; for s in $(SCENARIOS); do \
+	  echo "== reliability/$$s.py"; \
+	  $(PY) reliability/$$s.py --json $(RELIABILITY_OUT)/$$s.json 2>&1 | tee $(RELIABILITY_OUT)/$$s.txt; \
+	  test $${PIPESTATUS[0]} -eq 0 || status=1; \
+	done; \
+	echo "== summary"; grep -H "^PASS\|^FAIL" $(RELIABILITY_OUT)/*.txt || true; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,6 +1,8 @@
-"""The real stack for the benchmarks: a private redis-server, Celery workers and (optionally)
-uvicorn, started as `smoothcert up` starts them, on free ports, each in its own process
-group, all killed by `stop()` (use it as a context manager: also on Ctrl-C and errors)."""
+"""The real stack for the benchmarks and the reliability scenarios: a private redis-server,
+Celery workers and (optionally) uvicorn, started as `smoothcert up` starts them, on free
+ports, each in its own process group, all killed by `stop()` (use it as a context manager:
+also on Ctrl-C and errors). Redis and the API can be stopped and started again on the same
+port (the scenarios of RELIABILITY.md); Redis keeps its append-only file across restarts."""
 
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class Stack:
         self.url = ""
         self.redis_url = ""
         self.extra_env = env or {}
+        self.redis_port = 0
+        self._api_args: tuple[list[str], dict[str, str]] | None = None
 
     def __enter__(self) -> Stack:
         self.start()
@@ -55,29 +59,41 @@ class Stack:
                     SMOOTHCERT_DEVICE=self.device, **self.extra_env, **overrides)
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(self.logs / f"{name}.log", "wb"),
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(self.logs / f"{name}.log", "ab"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
 
     def start(self) -> None:
+        self.redis_port = free_port()
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.start_redis()
+        store = self.store()
+        register_bundle(store, DEMO_BUNDLE)
+        store.r.close()
+
+    def start_redis(self) -> None:
+        """redis-server on `redis_port` (again, after `stop_redis`: it reloads its
+        append-only file); returns once it answers."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server is not on the PATH (apt-get install redis-server)")
-        port = free_port()
         (self.logs / "redis").mkdir(parents=True, exist_ok=True)
-        self.spawn("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        self.spawn("redis", [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
                              "--dir", str(self.logs / "redis"), "--appendonly", "yes",
                              "--maxmemory-policy", "noeviction"], dict(os.environ))
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
         store = self.store()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while not store.ping():
             if time.monotonic() > deadline or self.procs["redis"].poll() is not None:
                 raise RuntimeError("redis-server did not start\n" + self.tail())
             time.sleep(0.05)
-        register_bundle(store, DEMO_BUNDLE)
         store.r.close()
+
+    def stop_redis(self, *, kill: bool = False) -> None:
+        """Stop redis-server: SIGTERM (it writes its append-only file and exits, as an
+        orchestrator's stop does) or, with `kill`, SIGKILL (what was not yet fsynced is lost)."""
+        self.kill("redis", sig=signal.SIGKILL if kill else signal.SIGTERM)
 
     def store(self) -> Store:
         return Store.from_url(self.redis_url)
@@ -89,8 +105,15 @@ class Stack:
     def api(self, extra_args: list[str] = (), workers: int | None = None, **env: str) -> str:
         """uvicorn serving the API; returns its URL once /v2/health/ready answers 200."""
         port = free_port()
-        self.spawn("api", [*api_command("127.0.0.1", port, workers), *extra_args], self.env(**env))
+        self._api_args = ([*api_command("127.0.0.1", port, workers), *extra_args], self.env(**env))
         self.url = f"http://127.0.0.1:{port}"
+        return self.start_api()
+
+    def start_api(self) -> str:
+        """(Re)start the API `api()` configured, on the same port; returns once it is ready."""
+        if self._api_args is None:
+            raise RuntimeError("call api() first")
+        self.spawn("api", *self._api_args)
         self.wait(lambda: _ready(self.url), 120, "the API to become ready")
         return self.url
 
@@ -109,10 +132,11 @@ class Stack:
     def tail(self, chars: int = 3000) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in self.logs.glob("*.log"))
 
-    def kill(self, name: str) -> None:
+    def kill(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Signal the process group of `name` (SIGTERM: then SIGKILL after 20 s) and reap it."""
         proc = self.procs.pop(name)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
