@@ -157,9 +157,14 @@ def lookup(
 
 
 def invariant_violations(points: torch.Tensor, classes: torch.Tensor, radii: torch.Tensor) -> int:
-    """Number of pairs of committed balls of different classes that intersect (should be 0)."""
+    """Number of pairs of committed balls of different classes that intersect (should be 0).
+
+    Distances are the differences' norms in float64 (relative error ~D·2⁻⁵³), well inside
+    the rule's ROUNDING margin. (torch.cdist's default switches to ‖a‖² + ‖b‖² − 2a·b above
+    25 rows, whose cancellation errs by ~1e-6 relative on close points: it reported balls
+    the rule had shrunk to touch up to ROUNDING as intersecting.)"""
     p = point_values(points).to(torch.float64)
-    d = torch.cdist(p, p)
+    d = torch.cdist(p, p, compute_mode="donot_use_mm_for_euclid_dist")
     r = radii.to(torch.float64)
     touching = d < r[:, None] + r[None, :]
     different = classes[:, None] != classes[None, :]

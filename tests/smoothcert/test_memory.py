@@ -105,6 +105,26 @@ def test_random_sequences_never_leave_intersecting_balls(sequence, split):
         assert invariant_violations(memory.points, memory.classes, memory.radii) == 0
 
 
+def test_invariant_check_is_exact_for_close_points_in_a_large_table():
+    # Found by reliability/soak.py: a ball the rule shrank onto a nearby abstention (touching
+    # up to ROUNDING) was counted as intersecting, because torch.cdist's default turns to
+    # ‖a‖² + ‖b‖² − 2a·b above 25 rows and errs by ~1e-6 relative on close points.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        base = torch.rand(64, generator=g)
+        near = base.clone()
+        near[:3] += torch.tensor([2e-5, -2e-5, 2e-5])
+        points = torch.cat([base[None], near[None], torch.rand(30, 64, generator=g) + 5])
+        d = float(np.linalg.norm((points[0].double() - points[1].double()).numpy()))
+        classes = torch.arange(32)
+        classes[0] = ABSTAIN
+        radii = torch.zeros(32, dtype=torch.float64)
+        radii[1] = d * (1 - ROUNDING)  # what the rule commits when it shrinks onto entry 0
+        assert invariant_violations(points, classes, radii) == 0
+        radii[1] = d * (1 + ROUNDING)  # a hair too far: the check must see it
+        assert invariant_violations(points, classes, radii) == 1
+
+
 def test_blocked_distances_match_a_direct_computation():
     g = torch.Generator().manual_seed(0)
     pts = torch.rand(10_001, 12, generator=g)
