@@ -1,16 +1,22 @@
-"""What `Client` and `AsyncClient` share: configuration, request building, response parsing.
+"""What `Client` and `AsyncClient` share: configuration, request building, response parsing,
+and the retry policy.
 
 Nothing here talks to the network. Each operation is an `Op`: the keyword arguments of one
-`httpx.Client.request` call plus the function that turns its response into a typed value
-(or raises the matching `APIStatusError`). The two clients only send an `Op` and apply its
-`parse`, so sync and async cannot drift apart.
+`httpx.Client.request` call, the function that turns its response into a typed value (or
+raises the matching `APIStatusError`), and whether it is safe to send again. The two clients
+only send an `Op`, apply its `parse`, and ask `BaseClient.retry_delay` whether (and when) to
+send it again, so sync and async cannot drift apart.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import random
+import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +27,34 @@ import httpx
 
 from clients._exceptions import (
     APIConnectionError,
+    APIStatusError,
     APITimeoutError,
     SmoothcertError,
+    _retry_after,
     status_error,
 )
 from clients._inputs import BundleInput, ImageInput, bundle_zip, encode_input
 from clients._types import JobKind, JobStatus, ModelInfo, ModelMemory
 
-__all__ = ["DEFAULT_URL", "MAX_LONG_POLL", "BaseClient", "CertifyOptions", "Op", "PredictOptions"]
+__all__ = ["DEFAULT_MAX_RETRIES", "DEFAULT_URL", "MAX_LONG_POLL", "BaseClient", "CertifyOptions", "Op",
+           "PredictOptions", "retryable"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_LONG_POLL = 30  # seconds: the longest ?wait= the API accepts
+
+# The retry policy (see BaseClient). Backoff before retry k (0, 1, ...): min(0.5·2^k, 8) s
+# times a jitter drawn from [0.5, 1), so clients refused together do not come back together.
+DEFAULT_MAX_RETRIES = 3
+INITIAL_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+MAX_RETRY_AFTER = 60.0  # a longer Retry-After is the server asking us to stop: raise instead
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Transport failures worth another try: no connection, a dropped one, a timeout. Not a bad
+# URL scheme, a proxy refusing, or our own protocol error: those fail the same way again.
+_TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+log = logging.getLogger("smoothcert.client")
+_jitter = random.Random()  # its own: never draws from (or shifts) a caller's seeded `random`
 _JOB_PATHS: dict[str, str] = {"certification": "/v1/certifications", "prediction": "/v1/predictions"}
 
 T = TypeVar("T")
@@ -72,10 +95,28 @@ class PredictOptions(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class Op(Generic[T]):
-    """One HTTP exchange: `request` is `httpx.Client.request`'s keyword arguments."""
+    """One HTTP exchange: `request` is `httpx.Client.request`'s keyword arguments; `retry`
+    says it may be sent again unchanged after a transient failure (a GET, a cancel, a POST
+    carrying an Idempotency-Key), i.e. sending it twice has the effect of sending it once."""
 
     request: dict[str, Any]
     parse: Callable[[httpx.Response], T]
+    retry: bool = False
+
+
+def retryable(error: SmoothcertError) -> bool:
+    """Whether `error` may be transient: no connection, a dropped connection or a timeout
+    (`APIConnectionError` caused by one), or HTTP 429, 502, 503, 504."""
+    if isinstance(error, APIStatusError):
+        return error.status_code in RETRY_STATUSES
+    return isinstance(error, APIConnectionError) and isinstance(error.__cause__, _TRANSIENT)
+
+
+def retry_after(error: SmoothcertError) -> float | None:
+    """The Retry-After of an error answer (429, 503, any status), in seconds, or None."""
+    if not isinstance(error, APIStatusError):
+        return None
+    return _retry_after(error.response.headers.get("retry-after"))
 
 
 def job_path(kind: JobKind, job_id: str) -> str:
@@ -133,10 +174,25 @@ def saved_credentials() -> dict[str, str]:
 
 
 class BaseClient:
-    """Configuration and the operations of the API; subclasses add sending."""
+    """Configuration, the operations of the API and the retry policy; subclasses add sending.
+
+    Retries: an operation that is safe to repeat (GETs, cancels, job submissions, which
+    always carry an Idempotency-Key) is sent again after a transient failure (see
+    `retryable`), at most `max_retries` times (0: never). Before each retry the client
+    waits the server's Retry-After when it sent one (429, 503; one over 60 s is raised at
+    once instead), else an exponential backoff with jitter (0.5 s, 1 s, 2 s, ... up to 8 s,
+    each times a random factor in [0.5, 1)). The error raised after the last attempt is that
+    attempt's. Model uploads and deletions are sent once. `retries` counts every retry this
+    client made (thread-safe), including those of `Job.wait`.
+    """
 
     def __init__(self, base_url: str | None = None, *, api_key: str | None = None,
-                 timeout: float | None = 30.0):
+                 timeout: float | None = 30.0, max_retries: int = DEFAULT_MAX_RETRIES):
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int ≥ 0, not {max_retries!r}")
+        self.max_retries = max_retries
+        self.retries = 0
+        self._retries_lock = threading.Lock()
         saved = saved_credentials()
         self.base_url = base_url or os.environ.get("SMOOTHCERT_URL") or saved.get("url") or DEFAULT_URL
         self.api_key = api_key if api_key is not None else os.environ.get("SMOOTHCERT_API_KEY")
@@ -155,6 +211,29 @@ class BaseClient:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
 
+    def retry_delay(self, op: Op[Any], attempt: int, error: SmoothcertError, *,
+                    limit: float | None = None, cap: float = MAX_RETRY_DELAY) -> float | None:
+        """Seconds to wait before sending `op` again after `error` ended its attempt number
+        `attempt` (0 for the first send), or None to raise `error`. `limit` replaces
+        `max_retries` (`Job.wait` passes infinity: it is bounded by its own deadline);
+        `cap` bounds the backoff. A Retry-After is waited as given, or raised when over
+        MAX_RETRY_AFTER."""
+        limit = self.max_retries if limit is None else limit
+        if not op.retry or attempt >= limit or not retryable(error):
+            return None
+        asked = retry_after(error)
+        if asked is not None:
+            return asked if asked <= MAX_RETRY_AFTER else None
+        delay = min(INITIAL_RETRY_DELAY * 2 ** min(attempt, 16), MAX_RETRY_DELAY, cap)
+        return delay * _jitter.uniform(0.5, 1.0)
+
+    def note_retry(self, op: Op[Any], attempt: int, error: SmoothcertError, delay: float) -> None:
+        """Count (in `retries`) and log a retry that is about to happen."""
+        with self._retries_lock:
+            self.retries += 1
+        log.info("%s %s failed (%s); retry %d in %.2f s", op.request.get("method"), op.request.get("url"),
+                 error, attempt + 1, delay)
+
     # Jobs
 
     def _submit_op(self, kind: JobKind, image: ImageInput, model: str,
@@ -166,10 +245,12 @@ class BaseClient:
         if isinstance(fields.get("sigma_search"), str):
             fields["sigma_search"] = {"method": fields["sigma_search"]}
         key = options.get("idempotency_key")
-        headers = {"Idempotency-Key": str(key)} if key is not None else {}
+        # One key per call, sent on every attempt: the API answers a repeat with the job the
+        # first attempt created, so a retried submission never makes a second job.
+        headers = {"Idempotency-Key": str(key) if key is not None else new_idempotency_key()}
         body = {"model": model, "input": encode_input(image), **fields}
         return Op({"method": "POST", "url": _JOB_PATHS[kind], "json": body, "headers": headers},
-                  lambda r: _parse_submitted(r, kind))
+                  lambda r: _parse_submitted(r, kind), retry=True)
 
     def _status_op(self, kind: JobKind, job_id: str, wait: int | None = None) -> Op[JobStatus]:
         request: dict[str, Any] = {"method": "GET", "url": job_path(kind, job_id)}
@@ -178,26 +259,27 @@ class BaseClient:
             request["params"] = {"wait": wait}
             if self.timeout is not None:  # the server may hold the answer for `wait` seconds
                 request["timeout"] = self.timeout + wait
-        return Op(request, lambda r: JobStatus.from_json(json_body(r), kind, job_id))
+        return Op(request, lambda r: JobStatus.from_json(json_body(r), kind, job_id), retry=True)
 
     def _cancel_op(self, kind: JobKind, job_id: str) -> Op[JobStatus | None]:
         def parse(r: httpx.Response) -> JobStatus | None:
             body = json_body(r)
             return JobStatus.from_json(body, kind, job_id) if isinstance(body, Mapping) else None
-        return Op({"method": "DELETE", "url": job_path(kind, job_id)}, parse)
+        # Cancelling twice is cancelling once (the API answers the status either way).
+        return Op({"method": "DELETE", "url": job_path(kind, job_id)}, parse, retry=True)
 
     # Registry and health
 
     def _models_op(self) -> Op[list[ModelInfo]]:
-        return Op({"method": "GET", "url": "/v1/models"}, _parse_models)
+        return Op({"method": "GET", "url": "/v1/models"}, _parse_models, retry=True)
 
     def _model_op(self, name: str) -> Op[ModelInfo]:
         return Op({"method": "GET", "url": f"/v1/models/{quote(name, safe='')}"},
-                  lambda r: ModelInfo.from_json(json_body(r)))
+                  lambda r: ModelInfo.from_json(json_body(r)), retry=True)
 
     def _model_memory_op(self, name: str) -> Op[ModelMemory]:
         return Op({"method": "GET", "url": f"/v1/models/{quote(name, safe='')}/memory"},
-                  lambda r: ModelMemory.from_json(json_body(r)))
+                  lambda r: ModelMemory.from_json(json_body(r)), retry=True)
 
     def _upload_model_op(self, bundle: BundleInput) -> Op[ModelInfo]:
         filename, data = bundle_zip(bundle)
@@ -210,7 +292,13 @@ class BaseClient:
                   lambda r: ModelInfo.from_json(json_body(r)))
 
     def _health_op(self) -> Op[dict[str, Any]]:
-        return Op({"method": "GET", "url": "/v2/health/ready"}, _parse_health)
+        # A 503 here is the answer "not ready" (parsed, so not retried); no answer at all is.
+        return Op({"method": "GET", "url": "/v2/health/ready"}, _parse_health, retry=True)
+
+
+def new_idempotency_key() -> str:
+    """A fresh Idempotency-Key for a submission that was not given one."""
+    return f"smoothcert-python-{uuid.uuid4().hex}"
 
 
 def _parse_submitted(response: httpx.Response, kind: JobKind) -> JobStatus:

@@ -1,24 +1,30 @@
 """`Client` and `AsyncClient`: the same API, blocking or awaitable.
 
-Each method builds an `Op` in `BaseClient` and sends it; nothing else happens here. Both
-accept a `transport` (e.g. `httpx.MockTransport`, `httpx.ASGITransport`) so tests can run
-the SDK against an in-process app.
+Each method builds an `Op` in `BaseClient` and sends it, again after a transient failure
+when `BaseClient.retry_delay` says so; nothing else happens here. Both accept a `transport`
+(e.g. `httpx.MockTransport`, `httpx.ASGITransport`) so tests can run the SDK against an
+in-process app.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
 import httpx
 
 from clients._base import (
+    DEFAULT_MAX_RETRIES,
     BaseClient,
     CertifyOptions,
     Op,
     PredictOptions,
     translate_errors,
 )
+from clients._exceptions import APIConnectionError, APIStatusError
 from clients._inputs import BundleInput, ImageInput
 from clients._jobs import AsyncJob, Job
 from clients._types import JobKind, JobStatus, ModelInfo, ModelMemory
@@ -32,20 +38,39 @@ class Client(BaseClient):
     """A blocking client for the smoothcert HTTP API.
 
     `base_url` defaults to $SMOOTHCERT_URL, then http://127.0.0.1:8000; `api_key` to
-    $SMOOTHCERT_API_KEY (sent as `Authorization: Bearer`). `timeout` is per request, in
+    $SMOOTHCERT_API_KEY (sent as `Authorization: Bearer`). `timeout` is per attempt, in
     seconds (None: none); long-polls add their wait to it. Use as a context manager, or
     call `close()`.
+
+    `max_retries` (default 3; 0: never) is how often a request that is safe to repeat is
+    sent again after a connection error, a timeout, or HTTP 429/502/503/504, waiting the
+    server's Retry-After or an exponential backoff with jitter in between (`BaseClient`
+    has the policy). Submissions carry an Idempotency-Key (`idempotency_key`, or a fresh
+    one per call), so a retried submission returns the job the first attempt made.
+    `Job.wait` rides out a longer outage, such as an API restart, up to its own timeout.
     """
 
     def __init__(self, base_url: str | None = None, *, api_key: str | None = None,
-                 timeout: float | None = 30.0, transport: httpx.BaseTransport | None = None):
-        super().__init__(base_url, api_key=api_key, timeout=timeout)
+                 timeout: float | None = 30.0, max_retries: int = DEFAULT_MAX_RETRIES,
+                 transport: httpx.BaseTransport | None = None):
+        super().__init__(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self._http = httpx.Client(transport=transport, **self._http_options())
 
-    def _run(self, op: Op[T]) -> T:
-        with translate_errors():
-            response = self._http.request(**op.request)
-        return op.parse(response)
+    def _run(self, op: Op[T], *, retries: int | None = None) -> T:
+        """Send `op` and parse its answer, retrying as `retry_delay` decides (`retries`
+        replaces `max_retries`)."""
+        for attempt in itertools.count():
+            try:
+                with translate_errors():
+                    response = self._http.request(**op.request)
+                return op.parse(response)
+            except (APIConnectionError, APIStatusError) as error:
+                delay = self.retry_delay(op, attempt, error, limit=retries)
+                if delay is None:
+                    raise
+                self.note_retry(op, attempt, error, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def certify(self, image: ImageInput, *, model: str, **options: Unpack[CertifyOptions]) -> Job:
         """Submit a certification of `image` with `model`; returns its `Job` at once.
@@ -53,7 +78,8 @@ class Client(BaseClient):
         `image`: a path (.png/.jpg/.jpeg/.npy), PNG/JPEG/.npy bytes, a numpy array, or a
         nested list in [0, 1]. Options (`sigma`, `sigma_search`, `bound`, `n0`, `n`, `alpha`,
         `sampling`, `tolerance`, `batch_size`, `numeric_mode`, `memory`, `seed`) are sent only
-        when not None; `idempotency_key` makes a retried call return the same job.
+        when not None. `idempotency_key` makes a repeated call return the same job; without
+        one the client makes up a key for this call, so its own retries never make two jobs.
         """
         op = self._submit_op("certification", image, model, options, CertifyOptions)
         return self._job(self._run(op), "certification")
@@ -106,17 +132,28 @@ class Client(BaseClient):
 
 
 class AsyncClient(BaseClient):
-    """`Client` for asyncio: the same constructor and methods, awaitable."""
+    """`Client` for asyncio: the same constructor, methods and retry policy, awaitable."""
 
     def __init__(self, base_url: str | None = None, *, api_key: str | None = None,
-                 timeout: float | None = 30.0, transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(base_url, api_key=api_key, timeout=timeout)
+                 timeout: float | None = 30.0, max_retries: int = DEFAULT_MAX_RETRIES,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        super().__init__(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self._http = httpx.AsyncClient(transport=transport, **self._http_options())
 
-    async def _run(self, op: Op[T]) -> T:
-        with translate_errors():
-            response = await self._http.request(**op.request)
-        return op.parse(response)
+    async def _run(self, op: Op[T], *, retries: int | None = None) -> T:
+        """See `Client._run`."""
+        for attempt in itertools.count():
+            try:
+                with translate_errors():
+                    response = await self._http.request(**op.request)
+                return op.parse(response)
+            except (APIConnectionError, APIStatusError) as error:
+                delay = self.retry_delay(op, attempt, error, limit=retries)
+                if delay is None:
+                    raise
+                self.note_retry(op, attempt, error, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def certify(self, image: ImageInput, *, model: str,
                       **options: Unpack[CertifyOptions]) -> AsyncJob:

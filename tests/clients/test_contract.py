@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clients import Client, NotFoundError, PermissionDeniedError, UnprocessableEntityError
+from clients import CertifyOptions, Client, NotFoundError, PermissionDeniedError, UnprocessableEntityError
 from service.config import Settings
 from service.main import create_app
 from service.store import Store
@@ -129,3 +129,26 @@ def test_delete_model(world):
     with client() as c:
         status = c.job(queued.id).status()
     assert status.status == "failed" and status.error.code == "bad_model"
+
+
+def test_a_repeated_submission_returns_the_first_job(world):
+    """What makes retrying a submission safe: the SDK sends the same made-up Idempotency-Key
+    on every attempt, and the API answers a repeat (here: the same request sent twice, as
+    after a lost answer) with the first job, even though it drew that job's seed itself."""
+    client, _, store = world
+    with client() as c:
+        op = c._submit_op("certification", ROOT / "examples" / "digit-4.png", "digits", {"n": 200}, CertifyOptions)
+        first, again = c._run(op), c._run(op)
+        other = c.certify(ROOT / "examples" / "digit-4.png", model="digits", n=200)
+    assert op.retry and op.request["headers"]["Idempotency-Key"]
+    assert first.id == again.id != other.id
+    assert len(list(store.r.scan_iter(f"{store.p}:job:*"))) == 2
+
+
+def test_cancel_twice_answers_the_status(world):
+    """Cancelling is idempotent on the API (a retried cancel after a lost answer is harmless)."""
+    client, _, _ = world
+    with client() as c:
+        job = c.certify(ROOT / "examples" / "digit-5.png", model="digits", n=200)
+        op = c._cancel_op("certification", job.id)
+        assert op.retry and c._run(op).status == "cancelled" and c._run(op).status == "cancelled"

@@ -1,4 +1,5 @@
-"""Error mapping and lenient parsing, against canned responses (httpx.MockTransport)."""
+"""Error mapping and lenient parsing, against canned responses (httpx.MockTransport), one
+attempt each (`max_retries=0`: test_retries.py has the retries)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def canned(*args, **kwargs) -> httpx.MockTransport:
 
 @pytest.mark.parametrize(("status", "cls"), BY_STATUS)
 def test_each_status_raises_its_class(status, cls):
-    with Client(BASE_URL, transport=canned(status, json=ERROR_BODY)) as sc, pytest.raises(cls) as info:
+    with Client(BASE_URL, max_retries=0, transport=canned(status, json=ERROR_BODY)) as sc, pytest.raises(cls) as info:
         sc.model("digits")
     err = info.value
     assert type(err) is cls and isinstance(err, APIStatusError) and isinstance(err, SmoothcertError)
@@ -51,7 +52,7 @@ def test_each_status_raises_its_class(status, cls):
 @pytest.mark.parametrize(("status", "cls"), BY_STATUS)
 def test_the_async_client_raises_the_same(status, cls):
     async def call() -> None:
-        async with AsyncClient(BASE_URL, transport=canned(status, json=ERROR_BODY)) as sc:
+        async with AsyncClient(BASE_URL, max_retries=0, transport=canned(status, json=ERROR_BODY)) as sc:
             await sc.models()
 
     with pytest.raises(cls) as info:
@@ -73,19 +74,19 @@ def test_every_5xx_is_an_internal_server_error():
     (httpx.Response(400, json={"error": {"code": "bad"}}), "bad", "bad"),
 ])
 def test_fastapi_and_proxy_error_bodies(response, code, message):
-    with Client(BASE_URL, transport=httpx.MockTransport(lambda r: response)) as sc, \
+    with Client(BASE_URL, max_retries=0, transport=httpx.MockTransport(lambda r: response)) as sc, \
             pytest.raises(APIStatusError) as info:
         sc.models()
     assert (info.value.code, info.value.message) == (code, message)
 
 
 def test_rate_limit_carries_retry_after():
-    with Client(BASE_URL, transport=canned(429, json=ERROR_BODY, headers={"Retry-After": "7"})) as sc, \
+    with Client(BASE_URL, max_retries=0, transport=canned(429, json=ERROR_BODY, headers={"Retry-After": "7"})) as sc, \
             pytest.raises(RateLimitError) as info:
         sc.models()
     assert info.value.retry_after == 7.0
     date = email.utils.formatdate(time.time() + 60, usegmt=True)
-    with Client(BASE_URL, transport=canned(429, headers={"Retry-After": date})) as sc, \
+    with Client(BASE_URL, max_retries=0, transport=canned(429, headers={"Retry-After": date})) as sc, \
             pytest.raises(RateLimitError) as info:
         sc.models()
     assert 50 < info.value.retry_after <= 60
@@ -97,12 +98,12 @@ def test_network_failures(raised, cls):
     def fail(request: httpx.Request) -> httpx.Response:
         raise raised
 
-    with Client(BASE_URL, transport=httpx.MockTransport(fail)) as sc, pytest.raises(cls):
+    with Client(BASE_URL, max_retries=0, transport=httpx.MockTransport(fail)) as sc, pytest.raises(cls):
         sc.health()
 
 
 def test_a_2xx_that_is_not_json_is_a_clear_error():
-    with Client(BASE_URL, transport=canned(200, text="<html>login</html>")) as sc, \
+    with Client(BASE_URL, max_retries=0, transport=canned(200, text="<html>login</html>")) as sc, \
             pytest.raises(SmoothcertError, match="not JSON"):
         sc.models()
 
@@ -110,12 +111,12 @@ def test_a_2xx_that_is_not_json_is_a_clear_error():
 def test_odd_job_bodies_are_read_leniently():
     body = {"status": "failed", "progress": {"stage": "estimation", "samples_done": 5, "samples_total": 0,
                                              "eta": 3}, "error": "worker lost", "result": "n/a", "new": 1}
-    with Client(BASE_URL, transport=canned(200, json=body)) as sc:
+    with Client(BASE_URL, max_retries=0, transport=canned(200, json=body)) as sc:
         status = sc.job("j-9").status()
     assert (status.id, status.status, status.result, status.raw["new"]) == ("j-9", "failed", None, 1)
     assert status.progress.extra == {"eta": 3} and status.progress.fraction is None
     assert status.error.message == "worker lost"
-    with Client(BASE_URL, transport=canned(200, json={"id": "j", "status": "succeeded", "result": {
+    with Client(BASE_URL, max_retries=0, transport=canned(200, json={"id": "j", "status": "succeeded", "result": {
             "prediction": None, "model": "digits", "memory": False}})) as sc:
         cert = sc.job("j").status().result
     assert cert.abstained and cert.model.name == "digits" and cert.memory.used is False
@@ -141,5 +142,5 @@ def test_cancel_with_an_empty_answer_reads_the_status():
             return httpx.Response(204)
         return httpx.Response(200, json={"id": "j", "status": "cancelled"})
 
-    with Client(BASE_URL, transport=httpx.MockTransport(handle)) as sc:
+    with Client(BASE_URL, max_retries=0, transport=httpx.MockTransport(handle)) as sc:
         assert sc.job("j").cancel().status == "cancelled"

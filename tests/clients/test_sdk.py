@@ -202,8 +202,11 @@ def test_idempotency_key_returns_the_same_job(client, state):
     other = client.certify(TENSOR, model="digits")
     assert first == again and first.id != other.id and len(state.jobs) == 2
     posts = [r for r in state.requests if r["method"] == "POST"]
-    assert [r["headers"].get("idempotency-key") for r in posts] == ["k-1", "k-1", None]
+    keys = [r["headers"].get("idempotency-key") for r in posts]
+    assert keys[:2] == ["k-1", "k-1"] and keys[2] and keys[2] != "k-1"  # made up for the call
     assert "idempotency_key" not in state.last_job().request
+    client.certify(TENSOR, model="digits")  # another call, another key: another job
+    assert len(state.jobs) == 3 and state.requests[-1]["headers"]["idempotency-key"] not in keys
 
 
 def test_predict_is_a_prediction_job(client, state):
