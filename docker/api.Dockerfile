@@ -36,4 +36,4 @@ RUN pip install --no-deps . \
 USER smoothcert
 EXPOSE 8000
 # Two processes, as SMOOTHCERT_API_WORKERS (the default of `smoothcert up`) and compose run it.
-CMD ["uvicorn", "service.main:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
+CMD ["uvicorn", "service.main:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--timeout-graceful-shutdown", "5"]

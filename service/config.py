@@ -2,6 +2,7 @@
 
 Defaults run locally with no configuration. Invalid values fail at start-up, not on the
 first request. List settings take a comma-separated string (SMOOTHCERT_API_KEYS=a,b).
+SMOOTHCERT_PAUSE_AFTER_COMMIT_SECONDS is a testing hook (workers/failpoints.py), off by default.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ class Settings(BaseSettings):
     # (BENCHMARKS.md, section 2).
     cross_batching: bool | None = None
     heartbeat_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # How long a worker's Redis calls keep retrying through an outage (a Redis restart)
+    # before giving up; a job paused that long is then left for redelivery, never failed.
+    # The API does not wait: it answers 503 at once.
+    redis_retry_seconds: Annotated[float, Field(ge=0)] = 60.0
+    # Testing hook, never for production (workers/failpoints.py): a worker sleeps this long
+    # right after a job's memory commit, before its result is written, so that the
+    # reliability scenario reliability/worker_crash.py can kill it inside that window.
+    pause_after_commit_seconds: Annotated[float, Field(ge=0, le=60)] = 0.0
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

@@ -85,7 +85,19 @@ def submit_blocking(store: Store, settings: Settings, caller: Caller, kind: JobK
             store.settle_job_slot(caller.owner, slot, created_id)
     if not created:
         _check_replay(store, job, kind, model, request, input_bytes, seed_given)
+        if job.status == "queued" and not store.was_enqueued(job.id):
+            # The process that stored it died before queueing it (a SIGKILL between the two
+            # steps): queue it now, or it waits forever. A replay racing a live first attempt
+            # may queue it twice: harmless, a job ends once however often it is delivered.
+            _enqueue(store, settings, caller, kind, job, idempotency_key)
         return job
+    _enqueue(store, settings, caller, kind, job, idempotency_key)
+    return job
+
+
+def _enqueue(store: Store, settings: Settings, caller: Caller, kind: JobKind, job: JobRecord,
+             idempotency_key: str | None) -> None:
+    """Send the job's task and record that it was sent; if the broker refuses, fail the job."""
     try:
         queue.enqueue(settings.redis_url, settings.visibility_timeout, kind, job.id)
     except Exception as exc:  # broker down or refusing: the job must not wait forever
@@ -95,7 +107,7 @@ def submit_blocking(store: Store, settings: Settings, caller: Caller, kind: JobK
             store.release_idempotency_key(caller.owner, idempotency_key, job.id)
         raise Unavailable("the job could not be queued (the broker is not reachable); retry shortly",
                           code="enqueue_failed") from exc
-    return job
+    store.mark_enqueued(job.id)
 
 
 def _check_replay(store: Store, job: JobRecord, kind: str, model: ModelRecord,

@@ -2,7 +2,8 @@
 
 Imports only redis and pydantic; no other module builds a Redis key. Guarantees:
 - a job ends exactly once: the move to a terminal state is a Lua compare-and-set, so a
-  redelivered task, a cancel and a time-out cannot each write a result;
+  redelivered task, a cancel and a time-out cannot each write a result; the same script
+  counts the end (jobs_finished_total, answered_total), so a crash cannot lose or double it;
 - a memory entry is committed at most once per job (Lua, keyed by job id), only on top of
   the log version the worker checked against, and never past the configured capacity;
 - a caller's rate tokens and open-job places are taken by one Lua script each, so callers
@@ -21,6 +22,8 @@ from typing import Any, Literal
 
 import redis
 from pydantic import BaseModel
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 JobKind = Literal["certification", "prediction", "evaluation"]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -67,6 +70,36 @@ class QueueFull(Exception):
         self.open_jobs = open_jobs
 
 
+class OutageRetry(Retry):
+    """redis-py's Retry bounded by time instead of a count: a connection error or a timeout
+    (redis-py's BusyLoadingError, Redis reloading its append-only file, is a connection
+    error) is retried with capped exponential backoff until `seconds` have passed since the
+    first failure, then raised. A retried command may have run once already (its answer was
+    lost): the scripts the workers call are safe to repeat (a commit answers 'duplicate' for
+    the same job, a finish 0 once the job ended, a start 'running'); a counter may count twice."""
+
+    def __init__(self, seconds: float, *, base: float = 0.05, cap: float = 1.0):
+        super().__init__(ExponentialBackoff(cap=cap, base=base), -1)
+        self.seconds = seconds
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        self._backoff.reset()
+        failures, deadline = 0, None
+        while True:
+            try:
+                return do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                failures += 1
+                fail(error, failures) if with_failure_count else fail(error)
+                now = time.monotonic()
+                deadline = deadline or now + self.seconds
+                if now >= deadline:
+                    raise error
+                time.sleep(min(self._backoff.compute(failures), deadline - now))
+
+
 @dataclass(frozen=True)
 class CommitResult:
     """Outcome of a memory commit: committed (index), duplicate (this job's earlier index),
@@ -76,9 +109,11 @@ class CommitResult:
     index: int
 
 
-# KEYS: job, open-jobs zset. ARGV: status, result, error, now, job id, required status ("" = any
-# non-terminal). Returns 1 if this call ended the job, 0 if it had already ended or did not
-# have the required status, -1 if there is no such job.
+# KEYS: job, open-jobs zset, metrics hash. ARGV: status, result, error, now, job id, required
+# status ("" = any non-terminal), then counters to add 1 to. Returns 1 if this call ended the
+# job, 0 if it had already ended or did not have the required status, -1 if there is no such
+# job. The end and its counts (jobs_finished_total:<kind>:<status>, the extra counters) are
+# one atomic step: a worker dying right after a job ended cannot lose or double a count.
 _FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local s = redis.call('HGET', KEYS[1], 'status')
@@ -86,6 +121,10 @@ if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return 0 end
 if ARGV[6] ~= '' and s ~= ARGV[6] then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'result', ARGV[2], 'error', ARGV[3], 'finished', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[5])
+local record, kind = redis.call('HGET', KEYS[1], 'record'), 'unknown'
+if record then kind = cjson.decode(record)['kind'] or 'unknown' end
+redis.call('HINCRBYFLOAT', KEYS[3], 'jobs_finished_total:' .. kind .. ':' .. ARGV[1], 1)
+for i = 7, #ARGV do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], 1) end
 return 1
 """
 
@@ -112,6 +151,12 @@ redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 redis.call('HINCRBYFLOAT', KEYS[4], ARGV[7], 1)
 return {'created', ARGV[1]}
+"""
+
+# KEYS: job. ARGV: now. Records that the job's task was sent to the broker (field 'enqueued'),
+# only while the job exists: an expired job must not come back as a hash with no TTL.
+_MARK_QUEUED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'enqueued', ARGV[1]) end
 """
 
 # KEYS: job. ARGV: now. Moves queued → running (a redelivered running job stays running).
@@ -198,12 +243,18 @@ class Store:
         self._commit = client.register_script(_COMMIT)
         self._take_tokens = client.register_script(_TAKE_TOKENS)
         self._reserve = client.register_script(_RESERVE)
+        self._mark_queued = client.register_script(_MARK_QUEUED)
 
     @classmethod
-    def from_url(cls, url: str, *, socket_timeout: float | None = 10.0, **kwargs) -> Store:
+    def from_url(cls, url: str, *, socket_timeout: float | None = 10.0, retry_seconds: float = 0.0,
+                 **kwargs) -> Store:
         """A store on a new connection pool; calls fail after `socket_timeout` seconds
-        instead of hanging on a Redis that went away."""
-        client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5)
+        instead of hanging on a Redis that went away. With `retry_seconds` (the workers'),
+        a call that meets a connection error or a timeout is retried with backoff for about
+        that long (`OutageRetry`), so that a Redis restart pauses the caller instead of
+        failing it; without, redis-py's few quick retries (the API: answer 503 at once)."""
+        retry = {"retry": OutageRetry(retry_seconds)} if retry_seconds > 0 else {}
+        client = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=5, **retry)
         return cls(client, **kwargs)
 
     def ping(self) -> bool:
@@ -275,6 +326,15 @@ class Store:
         if self.r.get(idem) == job_id.encode():
             self.r.delete(idem)
 
+    def mark_enqueued(self, job_id: str) -> None:
+        """Record that the job's task is in the broker (see `was_enqueued`)."""
+        self._mark_queued(keys=[self._job(job_id)], args=[time.time()])
+
+    def was_enqueued(self, job_id: str) -> bool:
+        """Whether the job's task was sent: a queued job that was not is one whose API process
+        died between storing and queueing it; a replay of its Idempotency-Key queues it."""
+        return bool(self.r.hexists(self._job(job_id), "enqueued"))
+
     def get_job(self, job_id: str) -> JobRecord | None:
         raw = self.r.hgetall(self._job(job_id))
         if not raw or b"record" not in raw:
@@ -316,19 +376,21 @@ class Store:
 
     def finish_job(
         self, job_id: str, status: JobState, *, result: dict | None = None,
-        error: dict | None = None, only_if: JobState | None = None,
+        error: dict | None = None, only_if: JobState | None = None, counters: tuple[str, ...] | list[str] = (),
     ) -> bool:
-        """End the job once; True if this call ended it. `only_if` requires a current status."""
+        """End the job once; True if this call ended it. `only_if` requires a current status.
+        The end counts jobs_finished_total:<kind>:<status> and each of `counters` (by 1) in
+        the same atomic step; the latency histogram is observed after it."""
         if status not in TERMINAL:
             raise ValueError(f"{status} is not a terminal state")
         ended = self._finish(
-            keys=[self._job(job_id), self._open()],
+            keys=[self._job(job_id), self._open(), f"{self.p}:metrics"],
             args=[status, json.dumps(result) if result is not None else "",
-                  json.dumps(error) if error is not None else "", time.time(), job_id, only_if or ""],
+                  json.dumps(error) if error is not None else "", time.time(), job_id, only_if or "",
+                  *counters],
         )
         if ended == 1:
             job = self.get_job(job_id)
-            self.count(f"jobs_finished_total:{job.kind if job else 'unknown'}:{status}")
             if job is not None and job.finished is not None:
                 self.observe_latency(job.finished - job.created)
         return ended == 1
@@ -420,6 +482,10 @@ class Store:
         """The index of the entry this job committed, if it did (a redelivered job returns it)."""
         index = self.r.hget(self._mem(namespace, "jobs"), job_id)
         return int(index) if index is not None else None
+
+    def memory_job_index(self, namespace: str) -> dict[str, int]:
+        """job id → index of the entry it committed, for every entry of the log."""
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self._mem(namespace, "jobs")).items()}
 
     def memory_size(self, namespace: str) -> tuple[int, int]:
         """(entries, bytes) of the log."""
@@ -528,3 +594,34 @@ class Store:
     def queue_depth(self, queue: str) -> int:
         """Messages waiting in a Celery queue (the Redis transport keeps a list per queue)."""
         return int(self.r.llen(queue))
+
+    # --- recovery of lost broker messages (workers/recovery.py) ----------------------
+
+    def server_id(self) -> str:
+        """The Redis server's run id: it changes when Redis restarts."""
+        return str(self.r.info("server").get("run_id", ""))
+
+    def claim(self, name: str, seconds: float) -> bool:
+        """Take the named lease for `seconds` if no one holds it (one worker does a chore)."""
+        return bool(self.r.set(f"{self.p}:lease:{name}", b"1", nx=True, px=max(1, int(seconds * 1000))))
+
+    def queued_jobs(self, created_before: float) -> list[tuple[str, JobKind]]:
+        """(id, kind) of the open jobs still queued that were created before `created_before`."""
+        ids = [m.decode() for m in self.r.zrangebyscore(self._open(), "-inf", created_before)]
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self._job(job_id), "status", "record")
+            rows = pipe.execute()
+        return [(job_id, json.loads(record)["kind"]) for job_id, (status, record) in zip(ids, rows, strict=True)
+                if status == b"queued" and record]
+
+    def broker_messages(self, queues: list[str], unacked_key: str = "unacked") -> bytes:
+        """Every task message the broker holds, as one blob: waiting in `queues` (the Redis
+        transport's lists) or delivered and not yet acknowledged (its `unacked` hash), read
+        in one transaction, so a message moving from the one to the other is seen."""
+        with self.r.pipeline(transaction=True) as pipe:
+            for queue in queues:
+                pipe.lrange(queue, 0, -1)
+            pipe.hvals(unacked_key)
+            replies = pipe.execute()
+        return b"\n".join(m for reply in replies for m in reply)

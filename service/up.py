@@ -85,12 +85,18 @@ def worker_command(name: str) -> list[str]:
             "-Q", ALL_QUEUES, "--pool=threads", f"--concurrency={WORKER_THREADS}", "-n", name]
 
 
+# A stop waits this long for open requests, then closes them: a long-poll (?wait= up to 30 s)
+# must not hold a restart past an orchestrator's grace period (Docker's: 10 s). The SDK
+# retries a poll whose connection was closed (RELIABILITY.md, API restart).
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
 def api_command(host: str, port: int, workers: int | None = None) -> list[str]:
     """uvicorn serving the API with `workers` processes (default SMOOTHCERT_API_WORKERS), as
     docker-compose.yml runs it; the benchmarks run this too."""
     workers = workers or Settings().api_workers
     return [sys.executable, "-m", "uvicorn", "service.main:app", "--host", host, "--port", str(port),
-            "--workers", str(workers)]
+            "--workers", str(workers), "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS)]
 
 
 def _redis_answers(url: str) -> bool:

@@ -236,6 +236,16 @@ def test_api_processes_agree_with_the_setting(services):
     assert int(option(command_of(services["api"]), "--workers")) == Settings.model_fields["api_workers"].default
 
 
+def test_api_stops_within_the_grace_period(services):
+    from service.up import GRACEFUL_SHUTDOWN_SECONDS, api_command
+
+    # Open long-polls are closed after this many seconds; Docker kills at 10 s. (The image's
+    # CMD equals compose's command: test_compose_commands_match_the_images_defaults.)
+    assert GRACEFUL_SHUTDOWN_SECONDS < 10
+    for command in (command_of(services["api"]), api_command("127.0.0.1", 8000)):
+        assert int(option(command, "--timeout-graceful-shutdown")) == GRACEFUL_SHUTDOWN_SECONDS
+
+
 def test_api_module_exists():
     if not (ROOT / "service/main.py").is_file():
         pytest.skip("service/main.py is not written yet")

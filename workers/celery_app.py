@@ -5,19 +5,52 @@ its worker process dies (`reject_on_worker_lost`); a whole worker that dies leav
 message unacknowledged, and the broker hands it out again after the visibility timeout.
 A job therefore may run twice but ends once (the store's compare-and-set), and commits at
 most one memory entry. Prefetch 1: a long job never holds other jobs hostage.
+
+Broker outages (a Redis restart): the consumer reconnects by itself, for as long as it
+takes; running jobs are not cancelled (their store calls retry through the outage, see
+workers/tasks.py) and acknowledge their messages once they end.
 """
 
 from __future__ import annotations
 
 from celery import Celery, signals
+from kombu.transport import redis as kombu_redis
 
 from service.config import get_settings
 from service.queue import QUEUES, broker_options
 from workers.heartbeat import start_heartbeat
 
+
+class _Channel(kombu_redis.Channel):
+    """kombu's Redis channel, able to reach the broker after kombu has detached its transport.
+
+    When the consumer loses the broker, kombu may close the transport (its `client`, the
+    broker's address, set to None) before one of its channels, whose closing (restoring
+    unacknowledged messages) and the late acks of jobs still running then build a new pool
+    from that address: AttributeError, which no one catches, and the worker stops
+    ("Unrecoverable error") instead of reconnecting. The channel keeps the address it was
+    opened with and gives it back to a detached transport: those calls then reach the broker
+    (or fail with a connection error that kombu handles)."""
+
+    def __init__(self, connection, *args, **kwargs):
+        self._broker = connection.client
+        super().__init__(connection, *args, **kwargs)
+
+    def _connparams(self, asynchronous=False):
+        if self.connection.client is None:  # detached: this transport is no longer used otherwise
+            self.connection.client = self._broker
+        return super()._connparams(asynchronous=asynchronous)
+
+
+class WorkerTransport(kombu_redis.Transport):
+    Channel = _Channel
+
+
 settings = get_settings()
 
 app = Celery("smoothcert", broker=settings.redis_url, include=["workers.tasks"])
+if settings.redis_url.startswith(("redis://", "unix://")):  # rediss: kombu's own, which sets up TLS by name
+    app.conf.broker_transport = WorkerTransport
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -31,6 +64,9 @@ app.conf.update(
         "unacked_restore_throttle": 1,
     },
     broker_connection_retry_on_startup=True,
+    broker_connection_retry=True,
+    broker_connection_max_retries=None,  # a worker never gives up on the broker
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     task_soft_time_limit=settings.job_time_limit_seconds,
     task_time_limit=settings.job_time_limit_seconds + 60,
     task_routes={name: {"queue": queue} for name, queue in QUEUES.items()},

@@ -5,9 +5,11 @@ Guarantees of `run_job`:
 - a job that has already ended (a redelivered task, a cancel while queued) is not run again;
 - the job ends exactly once (the store's compare-and-set), with the result in DESIGN.md's
   shape or an error `{"code", "message"}`: invalid_request, bad_model, memory_full,
-  time_limit, internal (traceback logged, never sent), or cancelled;
+  time_limit, internal (traceback logged, never sent), or cancelled; a Redis outage that
+  outlasts the store's retries is raised, the job left unended for redelivery;
 - a cancel flag stops the engine within one batch; progress is written at most
-  4 times a second.
+  4 times a second, and exactly (the samples the job did) when it stops on a cancel or
+  its time limit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service.config import Settings
@@ -53,17 +56,29 @@ class Answer:
 
 class ProgressWriter:
     """The engine's progress callback, writing to the job at most once per `interval` s
-    (the first call always: a client sees the job move at once)."""
+    (the first call always: a client sees the job move at once); `flush` writes the latest
+    call's values, so a job that stops early shows exactly the samples it did."""
 
     def __init__(self, store: Store, job_id: str, interval: float = 0.25):
         self.store, self.job_id, self.interval = store, job_id, interval
         self._last = -float("inf")
+        self._latest: tuple[str, int, int] | None = None
+        self._written: tuple[str, int, int] | None = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        self._latest = (stage, done, total)
         now = time.monotonic()
         if now - self._last >= self.interval:
             self._last = now
-            self.store.set_progress(self.job_id, stage, done, total)
+            self._write()
+
+    def flush(self) -> None:
+        if self._latest is not None and self._latest != self._written:
+            self._write()
+
+    def _write(self) -> None:
+        self._written = self._latest
+        self.store.set_progress(self.job_id, *self._latest)
 
 
 def load_input(store: Store, job_id: str) -> np.ndarray:
@@ -184,7 +199,8 @@ def cancel_check(store: Store, job_id: str, deadline: float) -> Callable[[], boo
 
 
 def execute(store: Store, runtime: ModelRuntime, job: JobRecord,
-            cancel: Callable[[], bool] | None = None) -> tuple[dict, Answer]:
+            cancel: Callable[[], bool] | None = None,
+            progress: ProgressWriter | None = None) -> tuple[dict, Answer]:
     """Run the engine for a started job; raises what `run_job` turns into errors."""
     cancel = cancel or (lambda: store.cancel_requested(job.id))
     model = runtime.get(job.digest, job.request.get("numeric_mode"))
@@ -194,7 +210,7 @@ def execute(store: Store, runtime: ModelRuntime, job: JobRecord,
                        sum(r.certificate.seconds for r in run.rows), False)
         return summary, spent
     x = load_input(store, job.id)
-    progress = ProgressWriter(store, job.id)
+    progress = progress or ProgressWriter(store, job.id)
     common = {"progress": progress, "cancel": cancel}
     req = job.request
     if job.kind == "prediction":
@@ -219,9 +235,11 @@ def run_job(store: Store, runtime: ModelRuntime, job_id: str, settings: Settings
         return None
     error: dict | None = None
     deadline = time.monotonic() + settings.job_time_limit_seconds
+    progress = ProgressWriter(store, job_id)
     try:
-        result, answer = execute(store, runtime, job, cancel_check(store, job_id, deadline))
+        result, answer = execute(store, runtime, job, cancel_check(store, job_id, deadline), progress)
     except Cancelled:
+        progress.flush()  # the samples done when the cancel was seen, before the job ends
         store.finish_job(job_id, "cancelled", error=CANCELLED)
         return _status(store, job_id)
     except InvalidParameters as e:
@@ -231,8 +249,14 @@ def run_job(store: Store, runtime: ModelRuntime, job_id: str, settings: Settings
     except MemoryFull as e:
         error = {"code": "memory_full", "message": str(e)}
     except (SoftTimeLimitExceeded, JobTimeLimit):
+        progress.flush()
         error = {"code": "time_limit",
                  "message": f"the job ran longer than {settings.job_time_limit_seconds} s"}
+    except (redis.ConnectionError, redis.TimeoutError):
+        # Redis stayed away longer than the store retries: the job is neither done nor
+        # failed. Leave it as it is (running) for the task to hand back to the broker.
+        log.warning("job %s paused: Redis unreachable past the retries; left for redelivery", job_id)
+        raise
     except Exception:
         log.exception("job %s failed", job_id)
         error = {"code": "internal",
@@ -242,11 +266,10 @@ def run_job(store: Store, runtime: ModelRuntime, job_id: str, settings: Settings
     else:
         store.count("samples_total", answer.samples)
         store.count("engine_seconds_total", answer.seconds)
-        if store.finish_job(job_id, "succeeded", result=result):
-            # answered_total counts every answer; abstained_total the abstentions among them.
-            store.count(f"answered_total:{job.kind}")
-            if answer.abstained:
-                store.count(f"abstained_total:{job.kind}")
+        # answered_total counts every answer; abstained_total the abstentions among them.
+        # Counted by the finish itself, so a worker dying right after it loses no count.
+        counters = [f"answered_total:{job.kind}"] + ([f"abstained_total:{job.kind}"] if answer.abstained else [])
+        store.finish_job(job_id, "succeeded", result=result, counters=counters)
     return _status(store, job_id)
 
 

@@ -12,6 +12,7 @@ Guarantees, resting on the store's compare-and-set commit:
 - one SharedMemory may serve several jobs running as threads of one process: an RLock is
   held across sync, the rule, the commit loop and a job's memory answer (sampling runs
   outside it), so the local copy and the log never disagree.
+A testing hook (workers/failpoints.py, off by default) may pause right after a commit.
 Distances are computed here, on the worker's device; Redis only compares lengths. A sync pulls
 only entries the copy lacks, PAGE at a time. Entries keep the input's dtype: an input whose
 every value is exactly float32(u)/255 (an 8-bit image) travels and is kept as uint8 (format
@@ -34,6 +35,7 @@ from service.store import Store
 from smoothcert.certifier import Certifier
 from smoothcert.memory import ABSTAIN, Memory, MemoryFull, to_uint8
 from smoothcert.results import OUTCOMES, Certificate, MemoryRecord
+from workers import failpoints
 
 # version, class, radius, σ, outcome, class before, radius before, conflict, pA_low, len(job id);
 # then the job id, then the point. Version 1: the point is float32. Version 2 adds a dtype tag
@@ -284,7 +286,9 @@ class JobMemory:
     def certify(self, x: torch.Tensor, certificate: Certificate) -> Certificate:
         if self.on_commit is not None:  # told the samples spent, e.g. to show the "memory" stage
             self.on_commit(certificate.samples)
-        return self.shared.commit(self.job_id, x, certificate)
+        committed = self.shared.commit(self.job_id, x, certificate)
+        failpoints.after_commit()  # a testing hook, inert by default; the lock is not held here
+        return committed
 
 
 def certify_with_memory(certifier: Certifier, shared: SharedMemory, x, job_id: str, *,

@@ -194,3 +194,37 @@ def test_enqueue_failure_fails_the_job_and_answers_503(redis_url, store, redis_c
     (job_id,) = [k.decode().rsplit(":", 1)[1] for k in redis_client.keys(f"{PREFIX}:job:*")]
     job = store.get_job(job_id)
     assert job.status == "failed" and job.error["code"] == "enqueue_failed" and store.open_jobs() == 0
+
+
+def test_a_retry_queues_the_job_a_killed_api_stored_but_never_queued(client, store, redis_client, monkeypatch):
+    """The API process died (SIGKILL) between storing a job and queueing it: the client's
+    retry with the same Idempotency-Key gets that job, which must then be queued (once),
+    or it would stay queued forever."""
+    from service import jobs
+
+    class Killed(BaseException):  # not an Exception: no handler runs, as in a killed process
+        pass
+
+    def die(*args, **kwargs):
+        raise Killed
+
+    real = jobs.submit_blocking
+
+    def killed_midway(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(jobs.queue, "enqueue", die)
+            with pytest.raises(Killed):
+                real(*args, **kwargs)
+        raise ConnectionResetError("the API process died here: the client gets no answer")
+
+    with monkeypatch.context() as m:
+        m.setattr(jobs, "submit_blocking", killed_midway)
+        with pytest.raises(ConnectionResetError):
+            submit(client, headers={"Idempotency-Key": "k"})
+    (job_id,) = [k.decode().rsplit(":", 1)[1] for k in redis_client.keys(f"{PREFIX}:job:*")]
+    assert store.get_job(job_id).status == "queued" and broker_messages(redis_client) == []
+    again = submit(client, headers={"Idempotency-Key": "k"})
+    assert again.status_code == 202 and again.json()["id"] == job_id
+    assert broker_messages(redis_client) == [("smoothcert.certify", [job_id])]
+    assert submit(client, headers={"Idempotency-Key": "k"}).json()["id"] == job_id  # queued: not again
+    assert len(broker_messages(redis_client)) == 1

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
+import redis
 
 from service.store import QueueFull, Store
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture()
@@ -77,6 +80,19 @@ def test_finish_races_end_one_way(store):
     for t in threads:
         t.join()
     assert wins.count(True) == 1
+
+
+def test_the_end_and_its_counts_are_one_step(store):
+    # The counters are added by the finishing script itself, once, only by the call that
+    # ended the job: a worker dying right after the end cannot lose them.
+    job, _ = new_job(store)
+    store.start_job(job.id)
+    counters = ["answered_total:certification"]
+    assert store.finish_job(job.id, "succeeded", result={}, counters=counters)
+    assert not store.finish_job(job.id, "succeeded", result={}, counters=counters)
+    got = store.metrics()["counters"]
+    assert got["answered_total:certification"] == 1
+    assert got["jobs_finished_total:certification:succeeded"] == 1
 
 
 def test_memory_commit_is_compare_and_set(store):
@@ -178,3 +194,35 @@ def test_an_idempotency_key_whose_job_expired_makes_a_new_job(store, redis_clien
     again, created = new_job(store, owner="a", idempotency_key="k")
     assert created and again.id != first.id
     assert new_job(store, owner="a", idempotency_key="k")[0].id == again.id
+
+
+def test_mark_enqueued_only_marks_a_job_that_exists(store, redis_client):
+    job, _ = new_job(store)
+    assert not store.was_enqueued(job.id)
+    store.mark_enqueued(job.id)
+    assert store.was_enqueued(job.id) and store.get_job(job.id).status == "queued"
+    store.mark_enqueued("0" * 32)  # expired or never there: nothing is written (no key without a TTL)
+    assert not redis_client.exists(f"{store.p}:job:{'0' * 32}")
+
+
+def test_outage_retry_waits_through_a_restart_and_gives_up_in_time(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        store = Store.from_url(server.url, retry_seconds=20)
+        job, _ = new_job(store)
+        server.stop()
+        restart = threading.Timer(1.0, server.start)
+        restart.start()
+        started = time.monotonic()
+        assert store.get_job(job.id).status == "queued"  # paused, then answered from the reloaded AOF
+        assert time.monotonic() - started >= 0.9
+        restart.join()
+        assert store.finish_job(job.id, "succeeded", result={}) and not store.finish_job(job.id, "failed")
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(redis.ConnectionError):
+            Store.from_url(server.url, retry_seconds=1).get_job(job.id)
+        assert 0.9 <= time.monotonic() - started < 5
+    finally:
+        server.stop()

@@ -184,3 +184,33 @@ def test_progress_writes_are_throttled(store, settings, digest):
     for done in range(100):
         writer("estimation", done, 100)
     assert store.get_job(job_id).progress.samples_done == 0  # only the first call wrote
+
+
+def test_a_cancelled_job_shows_exactly_the_samples_it_did(redis_client, settings, digest):
+    # The flag is set at the 8th check: 5 selection batches (n0 = 50), then 3 estimation
+    # batches of 10 ran; the 9th check stops it. Throttled writes alone would show 10.
+    store = CancelAfter(redis_client, prefix=settings.key_prefix)
+    store.after = 8
+    job_id = new_job(store, digest, constant(0.8), n=100_000, batch_size=10)
+    assert run_job(store, ModelRuntime(store, settings), job_id, settings) == "cancelled"
+    progress = store.get_job(job_id).progress
+    assert (progress.stage, progress.samples_done, progress.samples_total) == ("estimation", 30, 100_000)
+
+
+def test_a_timed_out_job_shows_exactly_the_samples_it_did(store, settings, digest):
+    quick = settings.model_copy(update={"job_time_limit_seconds": 1})
+    job_id = new_job(store, digest, constant(0.8), n=1_000_000, batch_size=10)
+    assert run_job(store, ModelRuntime(store, quick), job_id, quick) == "failed"
+    job = store.get_job(job_id)
+    assert job.error["code"] == "time_limit" and job.progress.stage == "estimation"
+    assert 0 < job.progress.samples_done < 1_000_000 and job.progress.samples_done % 10 == 0
+
+
+def test_progress_flush_writes_the_latest_values(store, settings, digest):
+    job_id = new_job(store, digest, constant(0.8))
+    store.start_job(job_id)
+    writer = ProgressWriter(store_for(settings), job_id, interval=60)
+    for done in range(0, 100, 10):
+        writer("estimation", done, 100)
+    writer.flush()
+    assert store.get_job(job_id).progress.samples_done == 90
