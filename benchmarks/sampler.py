@@ -10,7 +10,10 @@ method runs at its best size and no baseline is slowed down):
 - naive:  the reference loop of Cohen et al.'s `core.py` (`_sample_noise`): repeat, `randn_like`,
   add, forward, `argmax`, `np.bincount` on the host after every batch, under `no_grad`, fp32;
 - raw:    `model(x_batch)` on a pre-built batch, no noise, no counting, under `inference_mode`,
-  fp32 (the ceiling of the fp32 sampler: what the forward pass alone costs).
+  fp32 (the ceiling of the fp32 sampler: what the forward pass alone costs). Always the
+  network as stored: +fuse modes are engine modes, measured against this unfused baseline;
+- raw[fused]: for information only (no target reads it), when a +fuse mode is measured: the
+  same forward passes with BatchNorm folded into the convolutions (the fp32+fuse network).
 
 Same model (eval mode, seeded random init), same input, same batch size for all. Each is
 warmed up once (compiled modes compile then), then the repeats are interleaved so that
@@ -46,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import OtherLoad, machine_lines
 from smoothcert.architectures import build_architecture
 from smoothcert.batching import auto_batch_size
-from smoothcert.modes import canonical_mode
-from smoothcert.numerics import in_mode
+from smoothcert.modes import canonical_mode, parse_mode
+from smoothcert.numerics import ModeNetwork, in_mode
 from smoothcert.sampling import make_generator, sample_counts
 
 INPUT_SHAPE = (3, 32, 32)
@@ -56,7 +59,7 @@ TARGET_VS_NAIVE = 1.00  # engine[fp32] strictly faster than the naive loop
 TARGET_VS_RAW = 0.95
 TARGET_BEST_CPU = 1.8  # best mode / fp32 naive loop
 TARGET_BEST_GPU = 3.0
-CPU_MODES = "fp32,fp32+channels_last,bf16,bf16+channels_last"
+CPU_MODES = "fp32,fp32+channels_last,bf16,bf16+channels_last,fp32+fuse,bf16+fuse,bf16+fuse+channels_last"
 
 
 def naive_counts(
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default=None, help=f"engine numeric modes (default CPU: {CPU_MODES}; "
-                        "CUDA: those plus fp16, fp16+channels_last)")
+                        "CUDA: those plus fp16, fp16+channels_last, fp16+fuse+channels_last)")
     parser.add_argument("--compile", action="store_true", help="also each mode +compile (slow to compile)")
     parser.add_argument("--sigma", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    modes = args.modes or (CPU_MODES if device.type == "cpu" else CPU_MODES + ",fp16,fp16+channels_last")
+    modes = args.modes or (CPU_MODES if device.type == "cpu"
+                           else CPU_MODES + ",fp16,fp16+channels_last,fp16+fuse+channels_last")
     modes = [canonical_mode(m) for m in modes.split(",")]
     if args.compile:
         modes += [canonical_mode(m + "+compile") for m in modes if "compile" not in m and "cuda_graphs" not in m]
@@ -194,11 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         raw_inference(model, x_batch, args.num)
 
     methods: dict[str, Callable[[], None]] = {"naive": naive, "raw": raw}
+    folded = {m: n.folded for m, n in networks.items() if getattr(n, "folded", 0)}
+    if any(parse_mode(m).fuse for m in modes):  # information only: no target reads it
+        fused_model = ModeNetwork(model, "fp32+fuse", device).network
+        methods["raw[fused]"] = lambda: raw_inference(fused_model, x_batch, args.num)
     methods |= {f"engine[{m}]": engine(m) for m in modes}
     print(f"sampler benchmark: {args.arch} {INPUT_SHAPE}, batch {batch_size}"
           f"{' (automatic)' if args.batch is None else ''}, {args.num} samples per run, "
           f"{args.repeats} interleaved repeats, sigma {args.sigma}")
     print("batch per engine mode: " + ", ".join(f"{m} {b}" for m, b in sizes.items()))
+    if folded:
+        print("BatchNorms folded into convolutions: " + ", ".join(f"{m} {n}" for m, n in folded.items()))
     for line in machine_lines(device):
         print(line)
 
@@ -247,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<46} {seconds * 1e3:9.2f} ms")
     if args.json:
         args.json.write_text(json.dumps({
-            "arch": args.arch, "batch": batch_size, "batch_per_mode": sizes, "num": args.num, "device": str(device),
+            "arch": args.arch, "batch": batch_size, "batch_per_mode": sizes, "folded_per_mode": folded,
+            "num": args.num, "device": str(device),
             "machine": machine_lines(device), "other_cores": other_cores, "seconds": times,
             "samples_per_second": rate, "checks": {k: [r, t, verdicts[k]] for k, r, t, _ in checks},
         }, indent=2))

@@ -24,8 +24,8 @@ Tolerance = Annotated[float, Field(ge=0, le=MAX_TOLERANCE, allow_inf_nan=False)]
 BatchSize = Annotated[int | None, Field(None, ge=1, description="noisy copies per forward pass; default: "
                                        "measured for the model on the worker's device")]
 NumericModeName = Annotated[str | None, Field(None, max_length=64, description=(
-    "fp32 (default), bf16, or fp16 (CUDA workers), optionally with +channels_last, +compile or "
-    "+cuda_graphs; certificates and the memory are per mode"))]
+    "fp32 (default), bf16, or fp16 (CUDA workers), optionally with +fuse (BatchNorm folded into the "
+    "convolutions), +channels_last, +compile or +cuda_graphs; certificates and the memory are per mode"))]
 
 
 class _Strict(BaseModel):

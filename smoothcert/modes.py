@@ -2,13 +2,17 @@
 validate a request's mode without loading torch).
 
 A mode is a compute dtype and optional execution flags, named canonically, e.g. `fp32`,
-`bf16+channels_last`, `fp16+cuda_graphs`. Every part of the name can change the floating
-point result of the network, so the whole name goes into the certificate and the memory
-namespace: certificates made in different modes never share a memory.
+`bf16+channels_last`, `bf16+fuse+channels_last`, `fp16+cuda_graphs`. Every part of the name
+can change the floating point result of the network, so the whole name goes into the
+certificate and the memory namespace: certificates made in different modes never share a
+memory.
 
 - `fp32` (default): the network as stored.
 - `bf16`: `torch.autocast` to bfloat16 (CPU with AVX-512 BF16 / AMX, or CUDA).
 - `fp16`: `torch.autocast` to float16, CUDA only.
+- `+fuse`: BatchNorm folded into the preceding convolution for inference (changes rounding,
+  so it is part of the name). The network is traced with torch.fx (a network it cannot trace
+  is refused); one with nothing to fold runs unchanged. CPU and CUDA.
 - `+channels_last`: NHWC memory format for 4-d inputs (faster convolutions on oneDNN/cuDNN).
 - `+compile`: `torch.compile`, compiled once per worker when the model is loaded.
 - `+cuda_graphs`: `torch.compile(mode="reduce-overhead")`, which replays CUDA graphs; CUDA only.
@@ -21,7 +25,9 @@ from dataclasses import dataclass
 from smoothcert.bounds import InvalidParameters
 
 DTYPES = ("fp32", "bf16", "fp16")
-FLAGS = ("channels_last", "compile", "cuda_graphs")  # canonical order in a name
+# Canonical order in a name, which is also the order they are applied in: fold BatchNorm,
+# then change the memory format, then compile.
+FLAGS = ("fuse", "channels_last", "compile", "cuda_graphs")
 CUDA_ONLY = ("fp16", "cuda_graphs")
 DEFAULT = "fp32"
 
@@ -31,6 +37,7 @@ class NumericMode:
     """A parsed numeric mode; `name` is canonical (dtype first, flags in FLAGS order)."""
 
     dtype: str = DEFAULT
+    fuse: bool = False
     channels_last: bool = False
     compile: bool = False
     cuda_graphs: bool = False
@@ -75,7 +82,7 @@ def parse_mode(name: str | NumericMode | None) -> NumericMode:
         raise InvalidParameters(f"numeric_mode {name!r} repeats a flag")
     if "compile" in flags and "cuda_graphs" in flags:
         raise InvalidParameters("cuda_graphs already compiles the network: give compile or cuda_graphs, not both")
-    return NumericMode(dtype, *(f in flags for f in FLAGS))
+    return NumericMode(dtype, **{f: f in flags for f in FLAGS})
 
 
 def canonical_mode(name: str | None) -> str:

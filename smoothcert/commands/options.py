@@ -30,8 +30,8 @@ def add_certification_options(c: argparse.ArgumentParser, *, seed_default: int |
     c.add_argument("--batch", type=int, default=None,
                    help="noisy samples per forward pass (default: measured for the model and device)")
     c.add_argument("--numeric-mode", default=None, metavar="MODE",
-                   help="fp32 (default), bf16 or fp16 (CUDA), with +channels_last, +compile or "
-                        "+cuda_graphs; recorded in every certificate")
+                   help="fp32 (default), bf16 or fp16 (CUDA), with +fuse (BatchNorm folded into the "
+                        "convolutions), +channels_last, +compile or +cuda_graphs; recorded in every certificate")
     c.add_argument("--seed", type=int, default=seed_default, help=seed_help)
     c.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                    help="apply the memory rule across the inputs in order "
