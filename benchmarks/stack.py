@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.store import Store
-from service.up import DEMO_BUNDLE, api_command, register_bundle
+from service.up import DEMO_BUNDLE, api_command, redis_command, register_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN, USER = "bench-admin-key", "bench-user-key"
@@ -79,9 +79,8 @@ class Stack:
         if binary is None:
             raise SystemExit("redis-server is not on the PATH (apt-get install redis-server)")
         (self.logs / "redis").mkdir(parents=True, exist_ok=True)
-        self.spawn("redis", [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-                             "--dir", str(self.logs / "redis"), "--appendonly", "yes",
-                             "--maxmemory-policy", "noeviction"], dict(os.environ))
+        self.spawn("redis", redis_command(binary, self.redis_port, self.logs / "redis", "127.0.0.1", "--save", ""),
+                   dict(os.environ))
         store = self.store()
         deadline = time.monotonic() + 30
         while not store.ping():

@@ -22,7 +22,6 @@ a time, each cancelled after a random number of its batches.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -69,11 +68,11 @@ class Target:
 
 def progress_of(store: Store, job_id: str) -> tuple[str, str, int, int] | None:
     """(status, stage, samples done, samples total) straight from the job's hash."""
-    status, raw = store.r.hmget(store._job(job_id), "status", "progress")
-    if raw is None:
-        return (status.decode() if status else "missing", "", 0, 0)
-    p = json.loads(raw)
-    return status.decode(), p["stage"], int(p["samples_done"]), int(p["samples_total"])
+    job = store.get_job(job_id)
+    if job is None or job.progress is None:
+        return (job.status if job else "missing", "", 0, 0)
+    p = job.progress
+    return job.status, p.stage, p.samples_done, p.samples_total
 
 
 def drive(url: str, store: Store, target: Target, after_batches: int, until: float) -> None:

@@ -61,8 +61,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.stack import ADMIN, USER, Stack
-from clients import AsyncClient, Client
-from clients._exceptions import APIConnectionError, InternalServerError, JobTimeout, RateLimitError
+from clients import APIConnectionError, AsyncClient, Client, InternalServerError, JobTimeout, RateLimitError
 from reliability.memory_log import MemoryLog, read_log
 from reliability.report import Report, common_arguments, main, run_scenario
 from service.store import TERMINAL, Store

@@ -160,10 +160,7 @@ class Submitter(threading.Thread):
 
 
 def statuses(store: Store, ids: list[str]) -> dict[str, str]:
-    with store.r.pipeline(transaction=False) as pipe:
-        for i in ids:
-            pipe.hget(store._job(i), "status")
-        return {i: (s.decode() if s else "missing") for i, s in zip(ids, pipe.execute(), strict=True)}
+    return {i: s or "missing" for i, s in store.statuses(ids).items()}
 
 
 def active_jobs(celery: Celery, hostname: str, timeout: float = 2.0) -> list[str] | None:

@@ -349,6 +349,13 @@ class Store:
             data[field] = float(value) if value else None
         return JobRecord.model_validate(data)
 
+    def statuses(self, job_ids: list[str]) -> dict[str, str | None]:
+        """Each job's status (None: no such job), in one round trip."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(self._job(job_id), "status")
+            return {j: s.decode() if s else None for j, s in zip(job_ids, pipe.execute(), strict=True)}
+
     def get_input(self, job_id: str) -> bytes | None:
         return self.r.get(self._input(job_id))
 

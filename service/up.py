@@ -103,6 +103,14 @@ def _redis_answers(url: str) -> bool:
     return Store.from_url(url).ping()
 
 
+def redis_command(binary: str, port: int, folder: Path, host: str = "127.0.0.1", *extra: str) -> list[str]:
+    """redis-server as smoothcert needs it (DESIGN.md): append-only persistence in `folder`
+    and no eviction, since a lost memory entry or job breaks consistency silently. `up`, the
+    benchmark and reliability stack, and the tests' servers all start it with this."""
+    return [binary, "--port", str(port), "--bind", host, "--dir", str(folder), "--appendonly", "yes",
+            "--maxmemory-policy", "noeviction", *extra]
+
+
 def _start_redis(url: str, state: Path, procs: list) -> None:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -110,8 +118,7 @@ def _start_redis(url: str, state: Path, procs: list) -> None:
     parsed = urlparse(url)
     (state / "redis").mkdir(parents=True, exist_ok=True)
     procs.append(subprocess.Popen(
-        [binary, "--port", str(parsed.port or 6379), "--bind", parsed.hostname or "127.0.0.1",
-         "--dir", str(state / "redis"), "--appendonly", "yes", "--maxmemory-policy", "noeviction"],
+        redis_command(binary, parsed.port or 6379, state / "redis", parsed.hostname or "127.0.0.1"),
         stdout=open(state / "redis.log", "ab"), stderr=subprocess.STDOUT,
     ))
     for _ in range(100):

@@ -1,5 +1,6 @@
-"""A private redis-server the outage tests can stop and start again on the same port, with
-append-only persistence as in production (the session's server in conftest.py stays up)."""
+"""A private redis-server on a free port, with append-only persistence as in production: the
+test session's server (conftest.py), and the servers the outage tests stop and start again on
+the same port."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from pathlib import Path
 
 import redis
 
+from service.up import redis_command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 class RedisServer:
     """redis-server on a free port, state in `folder`; `stop()` (SIGTERM: it writes its
@@ -18,19 +27,15 @@ class RedisServer:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         assert binary is not None, "redis-server is not on the PATH"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--save", "", "--appendonly", "yes", "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(redis_command(binary, self.port, self.folder, "127.0.0.1", "--save", ""),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 20
         while True:
