@@ -25,6 +25,7 @@ outcome: this is a measurement, not a test.
 
     python benchmarks/sampler.py                       # CIFAR ResNet-110, CPU modes
     python benchmarks/sampler.py --compile             # also the torch.compile'd modes
+    python benchmarks/sampler.py --modes fp32 --probe-runs 5   # the batch-size probe's picks
     python benchmarks/sampler.py --device cuda --modes fp32,fp16,fp16+channels_last,fp16+cuda_graphs
 """
 
@@ -145,6 +146,42 @@ def breakdown(
     return results
 
 
+def probe_quality(model: nn.Module, x: torch.Tensor, args: argparse.Namespace,
+                  device: torch.device) -> dict[str, object]:
+    """The automatic batch size against what it is for: `--probe-runs` probes of the fp32
+    model, then the sustained engine[fp32] rate (`--num` samples, `--repeats` interleaved
+    rounds, medians) at every power of two from 16 to 128 or twice the largest pick. Prints how
+    close each pick's sustained rate is to the best size's."""
+    picks = [auto_batch_size(model, INPUT_SHAPE, device).rows for _ in range(args.probe_runs)]
+    sizes = [16]
+    while sizes[-1] < max(128, 2 * max(picks)):
+        sizes.append(sizes[-1] * 2)
+
+    def sustained(rows: int) -> float:
+        generator = make_generator(args.seed, device)
+        seconds = _timed(lambda: (sample_counts(model, x, args.sigma, args.num, num_classes=NUM_CLASSES,
+                                                batch_size=rows, generator=generator), _sync(device)))
+        return args.num / seconds
+
+    for rows in sizes:  # warm-up at each size
+        sustained(rows)
+    rates: dict[int, list[float]] = {rows: [] for rows in sizes}
+    for i in range(args.repeats):
+        for rows in sizes if i % 2 else sizes[::-1]:
+            rates[rows].append(sustained(rows))
+    median = {rows: statistics.median(r) for rows, r in rates.items()}
+    best = max(median, key=median.get)
+    print()
+    print(f"automatic batch size, {args.probe_runs} probes of the fp32 model: picks {picks}")
+    print("sustained engine[fp32] samples/s by batch: "
+          + ", ".join(f"{rows} {rate:.1f}" for rows, rate in median.items()))
+    shares = [median[p] / median[best] for p in picks]
+    print(f"INFO probe: each pick's sustained rate / the best size's ({best}): "
+          + ", ".join(f"{s:.3f}" for s in shares)
+          + f"; within 5% in {sum(s >= 0.95 for s in shares)} of {len(picks)}")
+    return {"picks": picks, "sustained": median, "best": best, "shares": shares}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="cifar_resnet110")
@@ -162,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--breakdown", action="store_true", help="also time each step of one batch"
     )
+    parser.add_argument("--probe-runs", type=int, default=0, metavar="K",
+                        help="also run the automatic batch-size probe K times on the fp32 model and "
+                             "compare its picks with the sustained engine[fp32] rate at each size")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -255,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per-batch breakdown ({batch_size} samples, median seconds):")
         for name, seconds in breakdown(model, x, args.sigma, batch_size, args.repeats):
             print(f"  {name:<46} {seconds * 1e3:9.2f} ms")
+    probe = probe_quality(model, x, args, device) if args.probe_runs else None
     if args.json:
         args.json.write_text(json.dumps({
+            "probe": probe,
             "arch": args.arch, "batch": batch_size, "batch_per_mode": sizes, "folded_per_mode": folded,
             "num": args.num, "device": str(device),
             "machine": machine_lines(device), "other_cores": other_cores, "seconds": times,

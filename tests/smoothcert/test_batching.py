@@ -149,6 +149,30 @@ def test_auto_batch_size_is_bounded_by_memory(digits):
     assert tight.max_rows < free.max_rows and tight.rows <= max(tight.max_rows, 16)
 
 
+class Timed:
+    """A network whose passes take `seconds(rows)` (sleeping), except that the passes named in
+    `lucky` (call numbers at one size) return at once: one spell of a fast machine."""
+
+    def __init__(self, seconds, lucky_rows: int, lucky: range):
+        self.seconds, self.lucky_rows, self.lucky, self.calls = seconds, lucky_rows, lucky, {}
+
+    def __call__(self, x):
+        rows = x.shape[0]
+        self.calls[rows] = self.calls.get(rows, 0) + 1
+        if not (rows == self.lucky_rows and self.calls[rows] in self.lucky):
+            time.sleep(self.seconds(rows))
+        return torch.zeros((rows, 2))
+
+
+def test_auto_batch_size_is_not_decided_by_one_lucky_measurement():
+    # 16 rows sustain 1,000 rows/s, 32 and more 1,600/s, but the first measured passes at 16
+    # rows return at once (after the two warm-up passes): one measurement would pick 16.
+    network = Timed(lambda rows: 0.016 if rows == 16 else rows / 1600, lucky_rows=16, lucky=range(3, 9))
+    chosen = auto_batch_size(network, (2,), "cpu", budget_bytes=64 * 8, probe_seconds=3.0)
+    assert network.calls[16] > 9, "the probe measured 16 rows again after the lucky spell"
+    assert chosen.rows == 32 and chosen.max_rows == 64
+
+
 def test_a_certifier_through_a_scheduler_gives_the_same_certificate(digits):
     x = np.random.default_rng(3).random(digits.spec.input_shape, dtype=np.float32)
     direct = Certifier(digits, device="cpu").certify(x, n=2000, batch_size=300, seed=9)
