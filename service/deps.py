@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import TypeAdapter, ValidationError
 
 from service.config import Settings
 from service.errors import Forbidden, Unauthorized
@@ -95,8 +97,52 @@ async def require_admin(caller: CallerDep) -> Caller:
 AdminDep = Annotated[Caller, Depends(require_admin)]
 
 
+IDEMPOTENCY_KEY = "Idempotency-Key"
+_IDEMPOTENCY_KEY_DOC = "a retried POST with the same key returns the same job"
+_IDEMPOTENCY_KEY_LENGTH = (1, 255)
+
 IdempotencyKeyDep = Annotated[
     str | None,
-    Header(alias="Idempotency-Key", min_length=1, max_length=255,
-           description="a retried POST with the same key returns the same job"),
+    Header(alias=IDEMPOTENCY_KEY, min_length=_IDEMPOTENCY_KEY_LENGTH[0], max_length=_IDEMPOTENCY_KEY_LENGTH[1],
+           description=_IDEMPOTENCY_KEY_DOC),
 ]
+
+
+# --- the submit routes, without dependencies ------------------------------------------
+# FastAPI's solving of `caller: CallerDep, idempotency_key: IdempotencyKeyDep` took about a
+# tenth of a submission's CPU instructions (BENCHMARKS.md, section 5). The submit routes
+# (job_routes) call these two instead, which do exactly what that solving does: the same
+# `_bearer` and `get_caller` (so a 401 comes first), then the header's first value checked
+# by the same rules into the same 422. `submit_openapi()` documents them as the declarations
+# would (tests/service/test_job_routes.py compares both with a route that declares them).
+
+
+async def read_caller(request: Request) -> Caller:
+    """What `CallerDep` gives a route."""
+    return await get_caller(request, await _bearer(request))
+
+
+_idempotency_key = TypeAdapter(IdempotencyKeyDep)
+
+
+def read_idempotency_key(request: Request) -> str | None:
+    """What `IdempotencyKeyDep` gives a route, or the RequestValidationError it raises."""
+    try:
+        return _idempotency_key.validate_python(request.headers.get(IDEMPOTENCY_KEY))
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("header", IDEMPOTENCY_KEY, *e["loc"])}
+                                      for e in exc.errors(include_url=False)]) from None
+
+
+def submit_openapi() -> dict[str, Any]:
+    """The OpenAPI `security` and `parameters` of a route declaring `CallerDep` and
+    `IdempotencyKeyDep`, for a route's `openapi_extra` (a new dict each time)."""
+    return {
+        "security": [{_bearer.scheme_name: []}],
+        "parameters": [{
+            "name": IDEMPOTENCY_KEY, "in": "header", "required": False, "description": _IDEMPOTENCY_KEY_DOC,
+            "schema": {"anyOf": [{"type": "string", "minLength": _IDEMPOTENCY_KEY_LENGTH[0],
+                                  "maxLength": _IDEMPOTENCY_KEY_LENGTH[1]}, {"type": "null"}],
+                       "description": _IDEMPOTENCY_KEY_DOC, "title": IDEMPOTENCY_KEY},
+        }],
+    }

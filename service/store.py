@@ -428,8 +428,13 @@ class Store:
         return record
 
     def get_model(self, name: str) -> ModelRecord | None:
-        raw = self.r.get(f"{self.p}:model:{name}")
+        raw = self.get_model_json(name)
         return ModelRecord.model_validate_json(raw) if raw else None
+
+    def get_model_json(self, name: str) -> bytes | None:
+        """`name`'s registry record as stored (a `ModelRecord`'s JSON), unparsed: for a caller
+        that keeps what it parsed from the same bytes (the submit path, `service.jobs`)."""
+        return self.r.get(f"{self.p}:model:{name}") or None
 
     def list_models(self) -> list[ModelRecord]:
         names = sorted(n.decode() for n in self.r.smembers(f"{self.p}:models"))

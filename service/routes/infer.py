@@ -31,8 +31,7 @@ async def infer(name: str, body: InferRequest, settings: SettingsDep, store: Sto
     """A smoothed prediction: `data` is the class, or -1 when PREDICT abstains."""
     if settings.rate_limit_per_second:
         await run_in_threadpool(jobs.check_rate, store, settings, caller)
-    model = await jobs.find_model(store, name)
-    spec = parameters.model_spec(model)
+    model, spec = await run_in_threadpool(jobs.get_model_spec, store, name)
     request = parameters.prediction(body.parameters, spec, settings)
     tensor = body.inputs[0]
     input_bytes = await run_in_threadpool(decode_tensor, tensor.data, tensor.shape, tensor.datatype,

@@ -12,10 +12,18 @@ from starlette.concurrency import run_in_threadpool
 from service import jobs
 from service.bodies import read_job_body, request_body_doc
 from service.config import Settings
-from service.deps import Caller, CallerDep, IdempotencyKeyDep, StoreDep, app_settings, app_store
+from service.deps import (
+    Caller,
+    CallerDep,
+    StoreDep,
+    app_settings,
+    app_store,
+    read_caller,
+    read_idempotency_key,
+    submit_openapi,
+)
 from service.errors import responses
 from service.inputs import decode_input
-from service.parameters import model_spec
 from service.schemas import JobOut, JobStatus
 from service.store import JobKind, JobRecord, Store
 from smoothcert.manifest import ModelSpec
@@ -43,18 +51,21 @@ def job_router(kind: JobKind, *, request_model: type, params_model: type, out_mo
         """Everything after reading the body, blocking, in one thread-pool call (a hop costs
         about as much as the work it carries, and a submit carried three)."""
         jobs.check_rate(store, settings, caller)  # before the work it guards
-        model = jobs.get_model(store, params.model)
-        spec = model_spec(model)
+        model, spec = jobs.get_model_spec(store, params.model)
         job_request = to_request(params, spec, settings)
         input_bytes = decode(params, upload, spec, settings)
         return jobs.submit_blocking(store, settings, caller, kind, model, job_request, input_bytes,
                                     idempotency_key, seed_given=params.seed is not None)
 
     @router.post("", status_code=202, response_model=out_model, name=f"create_{kind}",
-                 description=summary, openapi_extra=request_body_doc(request_model, params_model, file_field),
+                 description=summary,
+                 openapi_extra=request_body_doc(request_model, params_model, file_field) | submit_openapi(),
                  responses=responses(401, 404, 409, 413, 415, 422, 429, 503))
-    async def create(request: Request, response: Response, caller: CallerDep,
-                     idempotency_key: IdempotencyKeyDep = None):
+    async def create(request: Request, response: Response):
+        # The caller, then the Idempotency-Key, as `CallerDep` and `IdempotencyKeyDep` would
+        # give them, without FastAPI's dependency solving (service.deps says why).
+        caller = await read_caller(request)
+        idempotency_key = read_idempotency_key(request)
         params, upload = await read_job_body(request, request_model, params_model, file_field)
         job = await run_in_threadpool(_create, params, upload, app_settings(request), app_store(request),
                                       caller, idempotency_key)
