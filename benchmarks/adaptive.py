@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", default="", metavar="T1,T2",
                         help="also run adaptive at these tolerances (reported, no targets)")
     parser.add_argument("--settings", default="demo,search", help="comma list of: demo, search")
-    parser.add_argument("--batch", type=int, default=5000, help="noisy samples per forward pass")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="noisy samples per forward pass (default: the automatic size, as a worker)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     certifier = Certifier(load_bundle(args.model, device=device), device=device)
     data = load_data("sklearn-digits", "test")
     count = len(range(0, len(data), args.every)[: args.limit])
+    if args.batch is None:
+        args.batch = certifier.batch.rows
     spec = certifier.spec
     print(f"adaptive sampling benchmark: {spec.name} ({certifier.bundle.digest[:19]}...), sklearn-digits test "
           f"split, every {args.every}th image ({count} of {len(data)}), n0 {args.n0}, n {args.n:,} "
