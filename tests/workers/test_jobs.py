@@ -200,7 +200,9 @@ def test_a_cancelled_job_shows_exactly_the_samples_it_did(redis_client, settings
 def test_a_timed_out_job_shows_exactly_the_samples_it_did(store, settings, digest):
     quick = settings.model_copy(update={"job_time_limit_seconds": 1})
     job_id = new_job(store, digest, constant(0.8), n=1_000_000, batch_size=10)
-    assert run_job(store, ModelRuntime(store, quick), job_id, quick) == "failed"
+    runtime = ModelRuntime(store, quick)
+    runtime.get(digest, None)  # loaded (and its batch size probed) before the 1 s starts
+    assert run_job(store, runtime, job_id, quick) == "failed"
     job = store.get_job(job_id)
     assert job.error["code"] == "time_limit" and job.progress.stage == "estimation"
     assert 0 < job.progress.samples_done < 1_000_000 and job.progress.samples_done % 10 == 0
