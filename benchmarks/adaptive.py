@@ -23,7 +23,7 @@ radius; for the search setting also the samples spent on the search against thos
 certification. The exit code is 0 whatever the outcome: this is a measurement, not a test.
 
 With --every 6 (the default: 75 of the 450 test images) the benchmark takes about 16 minutes
-on a 2-core CPU with nothing else running (a fixed certificate at n = 100,000 takes ~5 s
+on a 2-core CPU with nothing else running (a fixed certificate at n = 100,000 takes 3.5–5 s
 there, the DDRS search ~0.3 s); each --sweep tolerance adds 1 to 4 minutes. One image is 1.33
 points of certified accuracy at that size, so the 1-point target can only pass with no image
 changing sides at any radius; --every 1 certifies all 450 (about 1.6 hours on that CPU).
