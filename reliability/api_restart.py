@@ -48,7 +48,7 @@ import httpx
 
 from benchmarks.stack import USER, Stack
 from clients import AsyncClient, Client
-from reliability.report import Report, common_arguments, main, run_scenario
+from reliability.report import Report, main, run_scenario, scenario_parser
 from service.store import Store
 from service.up import worker_command
 
@@ -57,8 +57,7 @@ IMAGES = sorted((ROOT / "examples").glob("digit-*.png"))
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = scenario_parser(__doc__, deadline=1200.0)
     p.add_argument("--jobs", type=int, default=240, help="certifications submitted in all")
     p.add_argument("--clients", type=int, default=16, help="threads, each with its own Client")
     p.add_argument("--async-clients", type=int, default=8, help="coroutines, each with its own AsyncClient")
@@ -73,8 +72,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-workers", type=int, default=2, help="uvicorn processes")
     p.add_argument("--sample", type=int, default=12,
                    help="certificates compared with the same request made without restarts")
-    p.add_argument("--deadline", type=float, default=1200.0, help="seconds for the whole run")
-    common_arguments(p)
     return p
 
 

@@ -37,22 +37,19 @@ import numpy as np
 from benchmarks.stack import USER, Stack
 from clients import Client
 from reliability.load import Load
-from reliability.report import Report, common_arguments, main, run_scenario
+from reliability.report import Report, main, run_scenario, scenario_parser
 from service.store import TERMINAL, Store
 from service.up import worker_command
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = scenario_parser(__doc__, deadline=600.0)
     p.add_argument("--cancels", type=int, default=24, help="running jobs cancelled in all")
     p.add_argument("--concurrent", type=int, default=3, help="long jobs running (and cancelled) at a time")
     p.add_argument("--load", type=int, default=3, help="short jobs kept running beside them")
     p.add_argument("--batch-size", type=int, default=4000,
                    help="batch size of the long jobs (a batch outlasts the progress throttle of 0.25 s)")
     p.add_argument("--max-batches", type=int, default=8, help="a job is cancelled after 1..this many of its batches")
-    p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole run")
-    common_arguments(p)
     return p
 
 

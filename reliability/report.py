@@ -65,6 +65,16 @@ class Report:
                 "checks": [vars(c) for c in self.checks], "error": self.error}
 
 
+def scenario_parser(doc: str, *, deadline: float) -> argparse.ArgumentParser:
+    """A scenario's parser, its description the first paragraph of `doc`, with the options
+    every scenario takes: --deadline (seconds for the whole run), --seed, --logs, --json."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deadline", type=float, default=deadline, help="seconds for the whole run")
+    common_arguments(parser)
+    return parser
+
+
 def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenario's random choices")
     parser.add_argument("--logs", type=Path, default=None, help="keep the stack's logs in this folder")

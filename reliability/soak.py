@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.stack import ADMIN, USER, Stack
 from clients import APIConnectionError, AsyncClient, Client, InternalServerError, JobTimeout, RateLimitError
 from reliability.memory_log import MemoryLog, read_log
-from reliability.report import Report, common_arguments, main, run_scenario
+from reliability.report import Report, main, run_scenario, scenario_parser
 from service.store import TERMINAL, Store
 from service.up import worker_command
 
@@ -551,8 +551,7 @@ def soak(report: Report, logs: Path, args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = scenario_parser(__doc__, deadline=1500.0)
     p.add_argument("--jobs", type=int, default=6000, help="jobs in the workload (the issue asks ≥ 2,000)")
     p.add_argument("--clients", type=int, default=16, help="concurrent SDK clients")
     p.add_argument("--workers", type=int, default=2, help="Celery workers (processes)")
@@ -562,8 +561,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-seconds", type=float, default=3.0, help="RSS sampling interval")
     p.add_argument("--max-growth-mib", type=float, default=30.0,
                    help="largest RSS growth allowed after warm-up, MiB per 1,000 jobs per worker")
-    p.add_argument("--deadline", type=float, default=1500.0, help="seconds for the whole run")
-    common_arguments(p)
     return p
 
 

@@ -56,7 +56,7 @@ from scipy.stats import binomtest, norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reliability.memory_log import MemoryLog, read_log
-from reliability.report import Report, common_arguments, main, run_scenario
+from reliability.report import Report, main, run_scenario, scenario_parser
 from reliability.soak import (
     Driver,
     Outcome,
@@ -355,8 +355,7 @@ def memory_soundness(report: Report, args: argparse.Namespace, done: list[Outcom
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = scenario_parser(__doc__, deadline=1200.0)
     p.add_argument("--jobs", type=int, default=6000, help="certifications in all (1/6 per cell)")
     p.add_argument("--clients", type=int, default=16, help="concurrent SDK clients")
     p.add_argument("--workers", type=int, default=2, help="Celery workers (processes)")
@@ -369,8 +368,6 @@ def parser() -> argparse.ArgumentParser:
                    help="exact distances of the fresh inputs (either side)")
     p.add_argument("--revisit", type=float, default=0.3, help="fraction of inputs near an earlier one")
     p.add_argument("--spread", type=float, default=0.05, help="largest distance of a neighbour from its input")
-    p.add_argument("--deadline", type=float, default=1200.0, help="seconds for the whole run")
-    common_arguments(p)
     return p
 
 

@@ -36,14 +36,13 @@ import numpy as np
 from benchmarks.stack import USER, Stack
 from clients import Client
 from reliability.load import Load, image
-from reliability.report import Report, common_arguments, main, run_scenario
+from reliability.report import Report, main, run_scenario, scenario_parser
 from service.store import TERMINAL, Store
 from service.up import WORKER_THREADS, worker_command
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = scenario_parser(__doc__, deadline=600.0)
     p.add_argument("--limit", type=int, default=3, help="SMOOTHCERT_JOB_TIME_LIMIT_SECONDS of the worker")
     p.add_argument("--long-jobs", type=int, default=12, help="jobs that need far longer than the limit")
     p.add_argument("--wave", type=int, default=3, help="long jobs running at once")
@@ -53,8 +52,6 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds allowed beyond one batch after the limit (the finishing writes, scheduling)")
     p.add_argument("--short-within", type=float, default=10.0,
                    help="seconds a short job submitted afterwards may take, queueing included")
-    p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole run")
-    common_arguments(p)
     return p
 
 

@@ -49,7 +49,7 @@ from celery import Celery
 from benchmarks.stack import USER, Stack
 from clients import Client
 from reliability.memory_log import read_log
-from reliability.report import Report, common_arguments, main, run_scenario
+from reliability.report import Report, main, run_scenario, scenario_parser
 from service.store import TERMINAL, Store
 from service.up import worker_command
 from smoothcert.results import DEFAULT_NUMERIC_MODE
@@ -57,8 +57,7 @@ from tests.workers.helpers import make_bundle
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = scenario_parser(__doc__, deadline=900.0)
     p.add_argument("--jobs", type=int, default=240, help="jobs submitted in all")
     p.add_argument("--kills", type=int, default=24, help="workers killed with SIGKILL")
     p.add_argument("--workers", type=int, default=2, help="workers running at once")
@@ -74,8 +73,6 @@ def parser() -> argparse.ArgumentParser:
                    help="SMOOTHCERT_VISIBILITY_TIMEOUT_SECONDS: redelivery delay after a worker dies")
     p.add_argument("--in-flight", type=int, default=16, help="open jobs the client keeps at most")
     p.add_argument("--demo-share", type=float, default=0.1, help="share of jobs on the demo model")
-    p.add_argument("--deadline", type=float, default=900.0, help="seconds for the whole run")
-    common_arguments(p)
     return p
 
 
