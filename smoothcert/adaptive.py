@@ -71,7 +71,7 @@ from scipy.special import betaincinv, ndtri
 
 from smoothcert import bounds
 
-SAMPLINGS = ("fixed", "adaptive")
+SAMPLINGS = ("fixed", "adaptive", "sequential")  # sequential: smoothcert.sequential
 DEFAULT_TOLERANCE = 0.05  # expected radius loss allowed against n_max, in units of σ
 MAX_TOLERANCE = 4.0  # above ~3.8 (the largest margin n = 10⁵, α = 0.001 allow) nothing changes
 ABSTENTION_SLACK = 0.01  # extra abstention probability allowed against n_max
@@ -96,10 +96,10 @@ class Plan:
 
 def check_sampling(sampling: str, tolerance: float | None) -> float | None:
     """Validate `sampling` and `tolerance`; the tolerance to use (the default for adaptive
-    sampling when None; None for fixed sampling, which takes no tolerance)."""
+    sampling when None; None for fixed and sequential sampling, which take no tolerance)."""
     if sampling not in SAMPLINGS:
         raise bounds.InvalidParameters(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
-    if sampling == "fixed":
+    if sampling != "adaptive":
         if tolerance is not None:
             raise bounds.InvalidParameters("tolerance applies to sampling 'adaptive' only")
         return None
@@ -140,7 +140,7 @@ def plan(bound: str, c_a: int, counts0: Sequence[Sequence[int]], *, n_max: int, 
     def stats(n: int) -> tuple[float, float]:  # (E[R(n)]/σ, P(abstain at n))
         if n == 0:
             return 0.0, 1.0
-        certifies, margin = _margin(bound, nodes, float(n), alpha, len(counts0[0]) - 1)
+        certifies, margin = margin_at(bound, nodes, float(n), alpha, len(counts0[0]) - 1)
         with np.errstate(invalid="ignore"):
             return float(np.where(certifies, margin, 0.0).mean()), float(1.0 - certifies.mean())
 
@@ -179,7 +179,7 @@ def _nodes(bound: str, c_a: int, counts0: Sequence[Sequence[int]]) -> tuple[np.n
     return (p_a, _posterior(int(counts0[1][c_a]), n0, lattice))
 
 
-def _margin(bound: str, nodes: tuple[np.ndarray, ...], n: float, alpha: float,
+def margin_at(bound: str, nodes: tuple[np.ndarray, ...], n: float, alpha: float,
             others: int) -> tuple[np.ndarray, np.ndarray]:
     """(certifies, R/σ) at each node with the estimation count at its mean n·p, through the
     bound's own α split (bounds.cohen_bound, two_sided_bound over `others` classes,

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from smoothcert import adaptive, bounds
+from smoothcert import adaptive, bounds, sequential
 from smoothcert.batching import BatchScheduler, BatchSize, auto_batch_size
 from smoothcert.bundle import Bundle
 from smoothcert.drs import certify_drs, split_half
@@ -128,6 +128,7 @@ class Certifier:
         alpha: float = 0.001,
         sampling: str = "fixed",
         tolerance: float | None = None,
+        target_radius: float | None = None,
         batch_size: int | None = None,
         seed: int | None = None,
         memory: MemoryLike | None = None,
@@ -138,7 +139,9 @@ class Certifier:
 
         sampling="adaptive": `n` is the maximum and the estimation size is chosen per input
         from the selection sample (smoothcert.adaptive; `tolerance` in units of σ, default
-        adaptive.DEFAULT_TOLERANCE); the σ search is unchanged."""
+        adaptive.DEFAULT_TOLERANCE); sampling="sequential": `n` is the maximum and sampling
+        stops once the radius reaches `target_radius` or cannot (smoothcert.sequential). The
+        σ search is the same under every sampling rule."""
         drs = self.spec.kind == "drs"
         bound = bound or ("drs" if drs else "cohen")
         if drs != (bound == "drs"):
@@ -153,6 +156,7 @@ class Certifier:
         batch_size = self._batch_size(batch_size)
         bounds.check_certify(n0, n, alpha, batch_size, bound)
         tolerance = adaptive.check_sampling(sampling, tolerance)
+        target_radius = sequential.check_target(sampling, target_radius)
         fixed_sigma = self._sigma(sigma) if sigma_search is None else None
         search = sigma_search.resolved() if sigma_search is not None else None
         if memory is not None and memory.namespace != self.namespace:
@@ -166,6 +170,7 @@ class Certifier:
             prediction=None, radius=0.0, sigma=fixed_sigma or 0.0, bound=bound, n0=n0, n=n,
             alpha=alpha, batch_size=batch_size, seed=seed, model_digest=self.bundle.digest,
             numeric_mode=self.numeric_mode, sampling=sampling, n_max=n, tolerance=tolerance,
+            target_radius=target_radius,
         )
         if memory is not None:
             answered = memory.answer(t, template)
@@ -183,8 +188,8 @@ class Certifier:
             )
         common = dict(
             num_classes=self.spec.num_classes, sigma=record.sigma if record else fixed_sigma,
-            n0=n0, n=n, alpha=alpha, sampling=sampling, tolerance=tolerance, batch_size=batch_size,
-            seed=seed, generator=generator, progress=progress, cancel=cancel,
+            n0=n0, n=n, alpha=alpha, sampling=sampling, tolerance=tolerance, target_radius=target_radius,
+            batch_size=batch_size, seed=seed, generator=generator, progress=progress, cancel=cancel,
         )
         if drs:
             cert = certify_drs(*self.samplers, t, **common)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
-from smoothcert import adaptive, bounds
+from smoothcert import adaptive, bounds, sequential
 from smoothcert.results import Certificate
 from smoothcert.sampling import CancelCheck
-from smoothcert.smoothing import StageProgress, estimation_size, issue, seeded, select_and_estimate
+from smoothcert.smoothing import StageProgress, estimate_votes, issue, seeded
 
 
 def _columns(height: int, width: int, parity: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +67,7 @@ def certify_drs(
     alpha: float = 0.001,
     sampling: str = "fixed",
     tolerance: float | None = None,
+    target_radius: float | None = None,
     batch_size: int = 1000,
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -77,25 +79,27 @@ def certify_drs(
 
     One noise draw per sample serves both halves: they are disjoint, so each half sees
     independent N(0, σ²) noise, and the union bound needs no independence between them.
-    sampling="adaptive" chooses n ≤ n_max from the selection sample, as `smoothing.certify`.
+    sampling="adaptive" and "sequential" treat n as a maximum, as in `smoothing.certify`.
     """
     bounds.check_certify(n0, n, alpha, batch_size, "drs")
     tolerance = adaptive.check_sampling(sampling, tolerance)
+    target_radius = sequential.check_target(sampling, target_radius)
     bounds.check_sigma(sigma)
     started = time.perf_counter()
     seed, generator = seeded(seed, generator, x.device)
-    c_a, counts = select_and_estimate(
-        (left, right), HALF_VIEWS, x, sigma, n0,
-        estimation_size(sampling, "drs", n, alpha, tolerance), num_classes=num_classes,
+
+    def estimate(c_a: int, counts: list[np.ndarray], level: float) -> tuple[float | None, dict]:
+        n_a = (int(counts[0][c_a]), int(counts[1][c_a]))
+        p_low = bounds.drs_bounds(n_a[0], n_a[1], int(counts[0].sum()), level)
+        return bounds.drs_radius(sigma, *p_low), dict(n_a_halves=n_a, p_a_lower_halves=p_low)
+
+    c_a, radius, fields = estimate_votes(
+        (left, right), HALF_VIEWS, x, sigma, n0=n0, n=n, alpha=alpha, bound="drs", sampling=sampling,
+        tolerance=tolerance, target_radius=target_radius, estimate=estimate, num_classes=num_classes,
         batch_size=batch_size, generator=generator, progress=progress, cancel=cancel,
     )
-    n_max, n = n, int(counts[0].sum())  # n: the estimation samples drawn (adaptive: ≤ n_max)
-    n_a = (int(counts[0][c_a]), int(counts[1][c_a]))
-    p_low = bounds.drs_bounds(n_a[0], n_a[1], n, alpha)
-    radius = bounds.drs_radius(sigma, *p_low)
     return issue(
-        c_a, radius, sigma=float(sigma), bound="drs", n0=n0, n=n, alpha=alpha, batch_size=batch_size,
-        seed=seed, n_a_halves=n_a, p_a_lower_halves=p_low, samples=n0 + n,
-        sampling=sampling, n_max=n_max, tolerance=tolerance,
-        seconds=time.perf_counter() - started,
+        c_a, radius, sigma=float(sigma), bound="drs", n0=n0, alpha=alpha, batch_size=batch_size, seed=seed,
+        sampling=sampling, n_max=n, tolerance=tolerance, target_radius=target_radius,
+        seconds=time.perf_counter() - started, **fields,
     )

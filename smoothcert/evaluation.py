@@ -23,8 +23,9 @@ being the dataset index), `summary.json` and `curve.png`. `summary.json` (schema
                        sigma_search: {method, steps, lr, samples, init} | null,
                        bound, n0, n, alpha, batch_size, seed, memory: bool,
                        every, limit: int | null, device,
-                       sampling: "fixed" | "adaptive", tolerance: float | null
-                       (adaptive: n is the maximum; smoothcert.adaptive)}
+                       sampling: "fixed" | "adaptive" | "sequential", tolerance: float | null,
+                       target_radius: float | null (adaptive and sequential: n is the
+                       maximum; smoothcert.adaptive, smoothcert.sequential)}
     count             rows certified
     clean_accuracy    = certified accuracy at r = 0
     abstention_rate   fraction of rows abstained
@@ -36,7 +37,8 @@ being the dataset index), `summary.json` and `curve.png`. `summary.json` (schema
     samples           {mean, search_mean: float | null, certification_mean, estimation_mean}:
                       forward passes per row; search (null when no search ran) +
                       selection/estimation (n0 + n; 0 for a row answered from the memory);
-                      estimation_mean: the n the bounds used (adaptive: chosen per row, ≤ n)
+                      estimation_mean: the n the bounds used (adaptive: chosen per row, ≤ n;
+                      sequential: the votes of the look the radius came from)
     memory            null without a memory, else {entries, new, inside, shrunk, changed}:
                       entries committed; outcomes per row; changed = inside + shrunk
 
@@ -60,6 +62,7 @@ from smoothcert.adaptive import check_sampling
 from smoothcert.bounds import InvalidParameters
 from smoothcert.results import Certificate
 from smoothcert.search import SigmaSearch
+from smoothcert.sequential import check_target
 
 if TYPE_CHECKING:
     from smoothcert.certifier import Certifier
@@ -123,6 +126,7 @@ def evaluate(
     alpha: float = 0.001,
     sampling: str = "fixed",
     tolerance: float | None = None,
+    target_radius: float | None = None,
     batch_size: int | None = None,
     seed: int = 0,
     memory: bool = False,
@@ -153,6 +157,7 @@ def evaluate(
     search = sigma_search.resolved() if sigma_search is not None else None
     bound = bound or ("drs" if spec.kind == "drs" else "cohen")
     tolerance = check_sampling(sampling, tolerance)
+    target_radius = check_target(sampling, target_radius)
     table = certifier.new_memory() if memory else None
     if batch_size is None:  # resolved once, so every row and the summary name the same size
         batch_size = certifier.batch.rows
@@ -161,7 +166,7 @@ def evaluate(
     for idx in indices:
         cert = certifier.certify(
             dataset.x[idx], sigma=sigma, sigma_search=search, bound=bound, n0=n0, n=n, alpha=alpha,
-            sampling=sampling, tolerance=tolerance,
+            sampling=sampling, tolerance=tolerance, target_radius=target_radius,
             batch_size=batch_size, seed=derive_seed(seed, idx), memory=table,
             progress=progress.stage if progress is not None else None, cancel=cancel,
         )
@@ -182,7 +187,7 @@ def evaluate(
         "sigma_search": dataclasses.asdict(search) if search is not None else None,
         "bound": bound, "n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size, "seed": seed,
         "memory": memory, "every": every, "limit": limit, "device": str(certifier.device),
-        "sampling": sampling, "tolerance": tolerance,
+        "sampling": sampling, "tolerance": tolerance, "target_radius": target_radius,
     }
     return EvaluationRun(tuple(rows), parameters)
 

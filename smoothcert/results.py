@@ -75,7 +75,9 @@ class Certificate(_Answer):
     None. A certificate answered from the memory has no sampling fields (n_a is None).
     `n` is the number of estimation samples the bound used; with `sampling` "adaptive" it
     was chosen from the selection sample, at most `n_max` (the request's n), and 0 for an
-    early abstention (smoothcert.adaptive).
+    early abstention (smoothcert.adaptive). With `sampling` "sequential" the bound is that of
+    the look that gave the radius: `n` votes at level `look_alpha` (a share of α), while
+    `samples` counts every vote drawn (smoothcert.sequential).
     """
 
     prediction: int | None
@@ -97,9 +99,11 @@ class Certificate(_Answer):
     memory: MemoryRecord | None = None
     model_digest: str | None = None
     numeric_mode: str = DEFAULT_NUMERIC_MODE
-    sampling: str = "fixed"  # or "adaptive": n chosen from the selection sample, ≤ n_max
+    sampling: str = "fixed"  # "adaptive": n chosen from the selection sample; "sequential": looks
     n_max: int | None = None  # the largest n the request allowed (fixed sampling: n)
     tolerance: float | None = None  # adaptive: expected radius loss allowed, in units of σ
+    target_radius: float | None = None  # sequential: the radius at which sampling stops
+    look_alpha: float | None = None  # sequential: the level of the look whose bound is given
     samples: int = 0  # forward passes spent in all (search + n0 + n)
     seconds: float = 0.0
 

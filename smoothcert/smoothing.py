@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smoothcert import adaptive, bounds
+from smoothcert import adaptive, bounds, sequential
 from smoothcert.results import Certificate, Prediction
 from smoothcert.sampling import (
     CancelCheck,
@@ -62,12 +62,18 @@ def select_and_estimate(
     `n` may be a plan (adaptive sampling): called with cA and the selection counts, before
     any estimation sample is drawn, it returns the estimation size (0: draw none)."""
     progress = sample.pop("progress", None)
-    counts0 = sample_counts_multi(networks, views, x, sigma, n0, progress=stage(progress, "selection"), **sample)
-    c_a = int(np.argmax(sum(counts0)))
+    c_a, counts0 = select(networks, views, x, sigma, n0, progress=progress, **sample)
     if callable(n):
         n = n(c_a, counts0)
     counts = sample_counts_multi(networks, views, x, sigma, n, progress=stage(progress, "estimation"), **sample)
     return c_a, counts
+
+
+def select(networks, views, x, sigma, n0, *, progress: StageProgress | None = None,
+           **sample) -> tuple[int, list[np.ndarray]]:
+    """The selection sample: cA = argmax of n0 votes summed over the networks, and the counts."""
+    counts0 = sample_counts_multi(networks, views, x, sigma, n0, progress=stage(progress, "selection"), **sample)
+    return int(np.argmax(sum(counts0))), counts0
 
 
 def estimation_size(sampling: str, bound: str, n: int, alpha: float, tolerance: float | None) -> EstimationSize:
@@ -76,6 +82,80 @@ def estimation_size(sampling: str, bound: str, n: int, alpha: float, tolerance: 
     if sampling == "fixed":
         return n
     return lambda c_a, counts0: adaptive.plan(bound, c_a, counts0, n_max=n, alpha=alpha, tolerance=tolerance).n
+
+
+# The bound of a certificate on estimation counts at a level: (radius or None, its fields).
+Estimate = Callable[[int, list[np.ndarray], float], tuple[float | None, dict]]
+
+
+def estimate_votes(
+    networks: Sequence[nn.Module],
+    views: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    x: torch.Tensor,
+    sigma: float,
+    *,
+    n0: int,
+    n: int,
+    alpha: float,
+    bound: str,
+    sampling: str,
+    tolerance: float | None,
+    target_radius: float | None,
+    estimate: Estimate,
+    num_classes: int,
+    **sample,
+) -> tuple[int, float | None, dict]:
+    """Selection and estimation under any sampling rule: (cA, radius or None, the
+    certificate's sampling fields: the bound's own fields, n, samples, look_alpha).
+
+    fixed and adaptive: one estimation of n (adaptive: chosen from the selection sample) at α.
+    sequential: the looks of smoothcert.sequential, each bound at its own level; the
+    largest radius of any look, with that look's n and level."""
+    if sampling != "sequential":
+        c_a, counts = select_and_estimate(
+            networks, views, x, sigma, n0, estimation_size(sampling, bound, n, alpha, tolerance),
+            num_classes=num_classes, **sample)
+        drawn = int(counts[0].sum())
+        radius, fields = estimate(c_a, counts, alpha)
+        return c_a, radius, dict(fields, n=drawn, samples=n0 + drawn)
+    progress = sample.pop("progress", None)
+    c_a, _ = select(networks, views, x, sigma, n0, progress=progress, num_classes=num_classes, **sample)
+    plan = sequential.schedule(bound, n_max=n, alpha=alpha, target_margin=target_radius / sigma,
+                               num_classes=num_classes)
+    radius, fields, drawn = look_by_look(networks, views, x, sigma, c_a, plan, target_radius, bound=bound,
+                                         estimate=estimate, num_classes=num_classes, progress=progress, **sample)
+    return c_a, radius, dict(fields, samples=n0 + drawn)
+
+
+def look_by_look(networks, views, x, sigma, c_a: int, plan: sequential.Schedule, target_radius: float, *, bound: str,
+                 estimate: Estimate, num_classes: int, progress: StageProgress | None,
+                 **sample) -> tuple[float | None, dict, int]:
+    """Sequential estimation for cA (smoothcert.sequential): fresh votes up to each look of
+    `plan`, its bound at its own level, until the target is reached or futile. Returns the
+    largest radius of any look (None: none certified) with that look's fields, n and
+    look_alpha, and the estimation votes drawn in all."""
+    n_max = plan.sizes[-1]
+    counts = [np.zeros(num_classes, dtype=np.int64) for _ in networks]
+    best: tuple[float | None, dict] | None = None
+    drawn = 0
+    for size, level in zip(plan.sizes, plan.alphas, strict=True):
+        more = sample_counts_multi(networks, views, x, sigma, size - drawn, num_classes=num_classes,
+                                   progress=stage(progress, "estimation", drawn, n_max), **sample)
+        counts = [c + m for c, m in zip(counts, more, strict=True)]
+        drawn = size
+        if level > 0:
+            radius, fields = estimate(c_a, counts, level)
+            look = (radius, dict(fields, n=size, look_alpha=level))
+            if best is None or best[0] is None or (radius is not None and radius > best[0]):
+                best = look
+            if radius is not None and radius >= target_radius:
+                break
+        if size < n_max and sequential.futile(bound, c_a, counts, plan):
+            break
+    if best is None:  # stopped before any look that could certify: an early abstention
+        _, fields = estimate(c_a, counts, plan.alphas[-1])
+        best = (None, dict(fields, n=drawn, look_alpha=plan.alphas[-1]))
+    return *best, drawn
 
 
 def issue(c_a: int, radius: float | None, **fields) -> Certificate:
@@ -97,6 +177,7 @@ def certify(
     bound: str = "cohen",
     sampling: str = "fixed",
     tolerance: float | None = None,
+    target_radius: float | None = None,
     batch_size: int = 1000,
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -110,35 +191,39 @@ def certify(
     sampling="adaptive": n is a maximum; the estimation size is chosen from the selection
     sample alone (smoothcert.adaptive, `tolerance` in units of σ) and recorded as the
     certificate's n, the maximum as n_max. The bounds are the same at the same α.
+    sampling="sequential": n is a maximum; votes are drawn in looks until the radius reaches
+    `target_radius` or cannot (smoothcert.sequential); each look's bound at its own share
+    of α, recorded as look_alpha.
     `x` has the model's input shape and lives on the model's device.
     """
     if bound not in ("cohen", "two_sided"):
         raise bounds.InvalidParameters(f"certify takes bound cohen or two_sided, got {bound!r}")
     bounds.check_certify(n0, n, alpha, batch_size, bound)
     tolerance = adaptive.check_sampling(sampling, tolerance)
+    target_radius = sequential.check_target(sampling, target_radius)
     bounds.check_sigma(sigma)
     started = time.perf_counter()
     seed, generator = seeded(seed, generator, x.device)
-    c_a, (counts,) = select_and_estimate(
-        [classifier], [identity], x, sigma, n0, estimation_size(sampling, bound, n, alpha, tolerance),
-        num_classes=num_classes, batch_size=batch_size, generator=generator, progress=progress, cancel=cancel,
-    )
-    n_max, n = n, int(counts.sum())  # n: the estimation samples drawn (adaptive: ≤ n_max; 0 abstains)
-    n_a = int(counts[c_a])
 
-    extra: dict = {}
-    if bound == "cohen":
-        p_a_lower = bounds.cohen_bound(n_a, n, alpha)
-        radius = bounds.cohen_radius(sigma, p_a_lower)
-    else:
-        p_a_lower, p_b_upper, c_b = bounds.two_sided_bound(counts.tolist(), c_a, alpha)
-        radius = bounds.two_sided_radius(sigma, p_a_lower, p_b_upper)
-        extra = dict(p_b_upper=p_b_upper, runner_up=c_b)
+    def estimate(c_a: int, counts: list[np.ndarray], level: float) -> tuple[float | None, dict]:
+        (votes,) = counts
+        n_a = int(votes[c_a])
+        if bound == "cohen":
+            p_a_lower = bounds.cohen_bound(n_a, int(votes.sum()), level)
+            return bounds.cohen_radius(sigma, p_a_lower), dict(n_a=n_a, p_a_lower=p_a_lower)
+        p_a_lower, p_b_upper, c_b = bounds.two_sided_bound(votes.tolist(), c_a, level)
+        return (bounds.two_sided_radius(sigma, p_a_lower, p_b_upper),
+                dict(n_a=n_a, p_a_lower=p_a_lower, p_b_upper=p_b_upper, runner_up=c_b))
+
+    c_a, radius, fields = estimate_votes(
+        [classifier], [identity], x, sigma, n0=n0, n=n, alpha=alpha, bound=bound, sampling=sampling,
+        tolerance=tolerance, target_radius=target_radius, estimate=estimate, num_classes=num_classes,
+        batch_size=batch_size, generator=generator, progress=progress, cancel=cancel,
+    )
     return issue(
-        c_a, radius, sigma=float(sigma), bound=bound, n0=n0, n=n, alpha=alpha,
-        batch_size=batch_size, seed=seed, n_a=n_a, p_a_lower=p_a_lower, samples=n0 + n,
-        sampling=sampling, n_max=n_max, tolerance=tolerance,
-        seconds=time.perf_counter() - started, **extra,
+        c_a, radius, sigma=float(sigma), bound=bound, n0=n0, alpha=alpha, batch_size=batch_size, seed=seed,
+        sampling=sampling, n_max=n, tolerance=tolerance, target_radius=target_radius,
+        seconds=time.perf_counter() - started, **fields,
     )
 
 

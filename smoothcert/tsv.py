@@ -1,7 +1,7 @@
 """The Cohen-style TSV of certificates that `certify-local` and `evaluate` both write.
 
 Columns: `idx label predict radius correct time sigma`, then the bound's columns, the seed,
-with adaptive sampling the estimation size `n` the bounds used, and with the memory its
+with adaptive or sequential sampling the estimation size `n` the bounds used, and with the memory its
 outcome and the radius before the rule. `predict` is -1 for an abstention; label and correct
 are NA when the input has no label. The first six columns are those of Cohen et al.'s
 `certify.py`, so their analysis scripts read these files unchanged.
@@ -26,10 +26,10 @@ MEMORY_COLUMNS = ("memory", "radius_before")
 
 
 def columns(bound: str, memory: bool, sampling: str = "fixed") -> list[str]:
-    """The header for certificates of `bound`, with `n` for adaptive sampling and the
+    """The header for certificates of `bound`, with `n` unless sampling is fixed, and the
     memory's columns when it is used."""
     cols = ["idx", "label", "predict", "radius", "correct", "time", "sigma", *BOUND_COLUMNS[bound], "seed"]
-    cols += ["n"] if sampling == "adaptive" else []
+    cols += ["n"] if sampling != "fixed" else []
     return cols + list(MEMORY_COLUMNS) if memory else cols
 
 
@@ -39,7 +39,7 @@ def row(idx: int, label: int | None, cert: Certificate, memory: bool, sampling: 
     correct = None if label is None else int(predict == label)
     values = [str(idx), _na(label), str(predict), f"{cert.radius:.4f}", _na(correct),
               f"{cert.seconds:.3f}", f"{cert.sigma:.4f}", *_bound_values(cert), str(cert.seed)]
-    if sampling == "adaptive":
+    if sampling != "fixed":
         values.append(str(cert.n))
     if memory:
         record = cert.memory

@@ -41,7 +41,7 @@ def certify_local(args: argparse.Namespace) -> int:
     certifier = Certifier(load_bundle(args.model, device=device), device=device, numeric_mode=args.numeric_mode)
     items = load_inputs(args.inputs, certifier.spec.input_shape)
     search = sigma_search(args)
-    how, tolerance = sampling(args)
+    how = sampling(args)
     memory = certifier.new_memory() if use_memory(args, search) else None
     bound = args.bound or ("drs" if certifier.spec.kind == "drs" else "cohen")
 
@@ -49,11 +49,11 @@ def certify_local(args: argparse.Namespace) -> int:
     bar = ProgressBar(len(items), "certify")
     changed = 0
     try:
-        writer = Writer(out, bound, memory is not None, how)
+        writer = Writer(out, bound, memory is not None, how["sampling"])
         for idx, item in enumerate(items):
             cert = certifier.certify(
                 item.array, sigma=args.sigma, sigma_search=search, bound=bound, n0=args.n0,
-                n=args.n, alpha=args.alpha, sampling=how, tolerance=tolerance, batch_size=args.batch,
+                n=args.n, alpha=args.alpha, **how, batch_size=args.batch,
                 seed=None if args.seed is None else derive_seed(args.seed, idx),
                 memory=memory, progress=bar.stage,
             )

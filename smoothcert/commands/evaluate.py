@@ -64,7 +64,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     certifier = Certifier(load_bundle(args.model, device=device), device=device, numeric_mode=args.numeric_mode)
     search = sigma_search(args)
-    how, tolerance = sampling(args)
+    how = sampling(args)
     memory = use_memory(args, search)
     bound = args.bound or ("drs" if certifier.spec.kind == "drs" else "cohen")
     count = len(range(0, len(dataset), max(args.every, 1))[: args.limit])
@@ -81,12 +81,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
     # Rows are streamed to results.tsv as they come, so a long run can be followed and a
     # killed one keeps its rows; write_run rewrites the same file with the summary at the end.
     with open(out / "results.tsv", "w", newline="") as f:
-        writer = Writer(f, bound, memory, how)
+        writer = Writer(f, bound, memory, how["sampling"])
         try:
             run = evaluate(
                 certifier, dataset, every=args.every, limit=args.limit, sigma=args.sigma,
                 sigma_search=search, bound=bound, n0=args.n0, n=args.n, alpha=args.alpha,
-                sampling=how, tolerance=tolerance, batch_size=args.batch, seed=args.seed, memory=memory,
+                **how, batch_size=args.batch, seed=args.seed, memory=memory,
                 progress=bar, on_row=stream,
             )
         except InvalidParameters:

@@ -6,6 +6,7 @@ import argparse
 
 from smoothcert.adaptive import DEFAULT_TOLERANCE, SAMPLINGS, check_sampling
 from smoothcert.search import SigmaSearch
+from smoothcert.sequential import check_target
 
 
 def add_certification_options(c: argparse.ArgumentParser, *, seed_default: int | None = None,
@@ -23,10 +24,14 @@ def add_certification_options(c: argparse.ArgumentParser, *, seed_default: int |
     c.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     c.add_argument("--sampling", choices=SAMPLINGS, default="fixed",
                    help="adaptive: --n is the maximum and each input's estimation size is chosen "
-                        "from its selection sample (default: fixed)")
+                        "from its selection sample; sequential: --n is the maximum and sampling "
+                        "stops once the radius reaches --target-radius or cannot (default: fixed)")
     c.add_argument("--tolerance", type=float,
                    help="with --sampling adaptive: the expected radius loss allowed against --n, "
                         f"in units of σ (default {DEFAULT_TOLERANCE})")
+    c.add_argument("--target-radius", type=float,
+                   help="with --sampling sequential (required there): the l2 radius at which the "
+                        "outcome is decided")
     c.add_argument("--batch", type=int, default=None,
                    help="noisy samples per forward pass (default: measured for the model and device)")
     c.add_argument("--numeric-mode", default=None, metavar="MODE",
@@ -46,9 +51,11 @@ def sigma_search(args: argparse.Namespace) -> SigmaSearch | None:
     return SigmaSearch(args.sigma_search, args.search_steps, args.search_lr, args.search_samples).resolved()
 
 
-def sampling(args: argparse.Namespace) -> tuple[str, float | None]:
-    """(sampling, tolerance) as the options ask, checked (the default tolerance filled in)."""
-    return args.sampling, check_sampling(args.sampling, args.tolerance)
+def sampling(args: argparse.Namespace) -> dict:
+    """sampling, tolerance and target_radius as the options ask, checked (the default
+    tolerance filled in), as keywords of Certifier.certify and evaluate."""
+    return dict(sampling=args.sampling, tolerance=check_sampling(args.sampling, args.tolerance),
+                target_radius=check_target(args.sampling, args.target_radius))
 
 
 def use_memory(args: argparse.Namespace, search: SigmaSearch | None) -> bool:

@@ -54,7 +54,8 @@ def test_check_sampling_fills_the_default(sampling, tolerance, expected):
 
 
 @pytest.mark.parametrize("sampling, tolerance, message", [
-    ("sequential", None, "sampling must be one of fixed, adaptive"),
+    ("online", None, "sampling must be one of fixed, adaptive, sequential"),
+    ("sequential", 0.1, "tolerance applies to sampling 'adaptive' only"),
     ("fixed", 0.1, "tolerance applies to sampling 'adaptive' only"),
     ("adaptive", -0.01, "tolerance"), ("adaptive", math.nan, "tolerance"), ("adaptive", math.inf, "tolerance"),
     ("adaptive", 5.0, "tolerance"), ("adaptive", True, "tolerance"), ("adaptive", "0.1", "tolerance"),

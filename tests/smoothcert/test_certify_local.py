@@ -111,6 +111,21 @@ def test_adaptive_sampling_writes_the_n_used(tmp_path, inputs, capsys):
     assert "tolerance" in capsys.readouterr().err
 
 
+def test_sequential_sampling_stops_at_the_target(tmp_path, inputs, capsys):
+    out = tmp_path / "s.tsv"
+    assert main(["certify-local", "--model", str(linear_bundle(tmp_path / "b")), str(inputs / "set.npz"),
+                 "--sampling", "sequential", "--target-radius", "0.1", "--n", "20000", "--seed", "4",
+                 "--out", str(out)]) == 0
+    rows = read_tsv(out.read_text())
+    assert list(rows[0])[-2:] == ["seed", "n"]
+    assert rows[0]["predict"] == "1" and float(rows[0]["radius"]) >= 0.1 and int(rows[0]["n"]) < 20_000
+    bundle = str(linear_bundle(tmp_path / "c"))
+    assert main(["certify-local", "--model", bundle, str(inputs / "one.npy"), "--sampling", "sequential"]) == 2
+    assert "needs target_radius" in capsys.readouterr().err
+    assert main(["certify-local", "--model", bundle, str(inputs / "one.npy"), "--target-radius", "0.1"]) == 2
+    assert "target_radius applies to sampling 'sequential' only" in capsys.readouterr().err
+
+
 def test_refusals_exit_2_with_a_message(tmp_path, inputs, capsys):
     bundle = str(linear_bundle(tmp_path / "bundle"))
     assert main(["certify-local", "--model", bundle, str(inputs / "one.npy"), "--n", "5"]) == 2

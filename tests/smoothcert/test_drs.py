@@ -66,7 +66,11 @@ def drs_violations(s_left: float, s_right: float, runs: int, alpha: float, radiu
 
 # Adaptive sampling must pass the same checks; a large tolerance varies the chosen n most.
 SAMPLINGS = {"fixed": {}, "adaptive": {"sampling": "adaptive"},
-             "adaptive-loose": {"sampling": "adaptive", "tolerance": 0.5}}
+             "adaptive-loose": {"sampling": "adaptive", "tolerance": 0.5},
+             # sequential (smoothcert.sequential): a target reached early, and one never reached
+             # (every look is taken and the largest radius of all of them is the answer)
+             "sequential": {"sampling": "sequential", "target_radius": 0.2 * SIGMA},
+             "sequential-far": {"sampling": "sequential", "target_radius": 0.7 * SIGMA}}
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)

@@ -157,6 +157,19 @@ def test_adaptive_sampling_run_records_n_per_row(certifier, digits, tmp_path):
         evaluate(certifier, digits, limit=1, tolerance=0.1, **FAST)
 
 
+def test_sequential_sampling_run_records_target_and_samples(certifier, digits, tmp_path):
+    kw = FAST | {"n": 10_000, "batch_size": 5000}
+    run = evaluate(certifier, digits, every=150, seed=3, sampling="sequential", target_radius=0.25, **kw)
+    summary = write_run(tmp_path, run)
+    certs = [r.certificate for r in run.rows]
+    assert all(c.sampling == "sequential" and c.target_radius == 0.25 and c.n <= 10_000 for c in certs)
+    p, s = summary["parameters"], summary["samples"]
+    assert (p["sampling"], p["target_radius"], p["tolerance"]) == ("sequential", 0.25, None)
+    assert s["mean"] == pytest.approx(sum(c.samples for c in certs) / 3) and s["mean"] < 10_050
+    with pytest.raises(InvalidParameters, match="target_radius"):
+        evaluate(certifier, digits, limit=1, target_radius=0.1, **FAST)
+
+
 def test_refusals(certifier, digits):
     for bad in ({"every": 0}, {"limit": 0}, {"seed": None}):
         with pytest.raises(InvalidParameters):

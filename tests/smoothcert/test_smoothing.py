@@ -44,7 +44,11 @@ def certificate_violations(model, bound: str, *, runs: int, n: int, alpha: float
 # Adaptive sampling (smoothcert.adaptive) must pass the very same checks as a fixed n; a
 # large tolerance makes the chosen n vary most from run to run.
 SAMPLINGS = {"fixed": {}, "adaptive": {"sampling": "adaptive"},
-             "adaptive-loose": {"sampling": "adaptive", "tolerance": 0.5}}
+             "adaptive-loose": {"sampling": "adaptive", "tolerance": 0.5},
+             # sequential (smoothcert.sequential): a target reached early, and one never reached
+             # (every look is taken and the largest radius of all of them is the answer)
+             "sequential": {"sampling": "sequential", "target_radius": 0.2 * SIGMA},
+             "sequential-far": {"sampling": "sequential", "target_radius": 0.7 * SIGMA}}
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)
