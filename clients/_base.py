@@ -63,8 +63,9 @@ T = TypeVar("T")
 class CertifyOptions(TypedDict, total=False):
     """Optional fields of POST /v1/certifications; those left out (or None) are not sent,
     so the server's defaults apply. `sigma_search` may be "ddrs"/"insta" or a dict with
-    `method` and optional `steps`, `lr`, `samples`, `init`. `sampling` is "fixed" or
-    "adaptive" (n becomes the maximum; `tolerance` in units of σ)."""
+    `method` and optional `steps`, `lr`, `samples`, `init`. `sampling` is "fixed",
+    "adaptive" (n becomes the maximum; `tolerance` in units of σ) or "sequential" (n becomes
+    the maximum; sampling stops once the radius reaches `target_radius`, required there)."""
 
     sigma: float | None
     sigma_search: str | Mapping[str, Any] | None
@@ -74,6 +75,7 @@ class CertifyOptions(TypedDict, total=False):
     alpha: float | None
     sampling: str | None
     tolerance: float | None
+    target_radius: float | None
     batch_size: int | None
     numeric_mode: str | None
     memory: bool | None

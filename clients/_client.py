@@ -77,9 +77,10 @@ class Client(BaseClient):
 
         `image`: a path (.png/.jpg/.jpeg/.npy), PNG/JPEG/.npy bytes, a numpy array, or a
         nested list in [0, 1]. Options (`sigma`, `sigma_search`, `bound`, `n0`, `n`, `alpha`,
-        `sampling`, `tolerance`, `batch_size`, `numeric_mode`, `memory`, `seed`) are sent only
-        when not None. `idempotency_key` makes a repeated call return the same job; without
-        one the client makes up a key for this call, so its own retries never make two jobs.
+        `sampling`, `tolerance`, `target_radius`, `batch_size`, `numeric_mode`, `memory`,
+        `seed`) are sent only when not None. `idempotency_key` makes a repeated call return
+        the same job; without one the client makes up a key for this call, so its own retries
+        never make two jobs.
         """
         op = self._submit_op("certification", image, model, options, CertifyOptions)
         return self._job(self._run(op), "certification")

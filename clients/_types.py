@@ -117,11 +117,13 @@ class CertificateResult:
     p_a_lower: float | None = None
     bound: str | None = None
     n0: int | None = None
-    n: int | None = None  # estimation samples the bound used (adaptive sampling: ≤ n_max)
+    n: int | None = None  # estimation samples the bound used (adaptive, sequential: ≤ n_max)
     alpha: float | None = None
-    sampling: str | None = None  # "fixed" or "adaptive"
+    sampling: str | None = None  # "fixed", "adaptive" or "sequential"
     n_max: int | None = None  # the request's n
     tolerance: float | None = None  # adaptive: expected radius loss allowed, in units of σ
+    target_radius: float | None = None  # sequential: the radius at which sampling stops
+    look_alpha: float | None = None  # sequential: the level (a share of alpha) of the look whose bound is given
     memory: MemoryInfo | None = None
     model: ModelRef | None = None
     extra: dict[str, Any] = field(default_factory=dict)

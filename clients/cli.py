@@ -52,11 +52,14 @@ def register(subparsers: Any) -> None:
     c.add_argument("--n0", type=int, help="selection samples")
     c.add_argument("--n", type=int, help="estimation samples")
     c.add_argument("--alpha", type=float, help="failure probability")
-    c.add_argument("--sampling", choices=("fixed", "adaptive"),
-                   help="adaptive: --n is the maximum, each input's n is chosen from its selection sample "
-                        "(default: the server's, fixed)")
+    c.add_argument("--sampling", choices=("fixed", "adaptive", "sequential"),
+                   help="adaptive: --n is the maximum, each input's n is chosen from its selection sample; "
+                        "sequential: --n is the maximum and sampling stops once the radius reaches "
+                        "--target-radius or cannot (default: the server's, fixed)")
     c.add_argument("--tolerance", type=float,
                    help="with --sampling adaptive: expected radius loss allowed against --n, in units of σ")
+    c.add_argument("--target-radius", type=float,
+                   help="with --sampling sequential (required there): the l2 radius at which sampling stops")
     c.add_argument("--batch", type=int, help="noisy samples per forward pass (default: the worker's automatic size)")
     c.add_argument("--numeric-mode", metavar="MODE",
                    help="fp32 (default), bf16 or fp16 (CUDA), with +channels_last, +compile or +cuda_graphs")
@@ -125,7 +128,7 @@ def _certify(args: argparse.Namespace) -> int:
         job = client.certify(
             args.image, model=args.model, sigma=args.sigma, sigma_search=search, bound=args.bound,
             n0=args.n0, n=args.n, alpha=args.alpha, sampling=args.sampling, tolerance=args.tolerance,
-            batch_size=args.batch, memory=args.memory,
+            target_radius=args.target_radius, batch_size=args.batch, memory=args.memory,
             numeric_mode=args.numeric_mode, seed=args.seed, idempotency_key=args.idempotency_key,
         )
         if not args.wait:

@@ -26,6 +26,7 @@ from smoothcert.bounds import (
 from smoothcert.manifest import BundleError, ModelSpec
 from smoothcert.modes import canonical_mode
 from smoothcert.search import SigmaSearch
+from smoothcert.sequential import check_target
 
 
 def model_spec(record: ModelRecord) -> ModelSpec:
@@ -61,8 +62,9 @@ def _mode(name: str | None) -> str:
 
 def certification(p: CertificationParams, spec: ModelSpec, settings: Settings) -> dict[str, Any]:
     """The stored request of a certification: sigma, sigma_search, bound, n0, n, alpha,
-    sampling, tolerance (None with fixed sampling), batch_size (None: the worker's automatic
-    size), numeric_mode, memory, seed (every other default resolved)."""
+    sampling, tolerance (None unless adaptive), target_radius (None unless sequential),
+    batch_size (None: the worker's automatic size), numeric_mode, memory, seed (every other
+    default resolved)."""
     _limit("n", p.n, settings.max_n, "max_n")
     _limit("n0", p.n0, settings.max_n0, "max_n0")
     _limit("batch_size", p.batch_size, settings.max_batch_size, "max_batch_size")
@@ -77,6 +79,7 @@ def certification(p: CertificationParams, spec: ModelSpec, settings: Settings) -
     try:
         check_certify(p.n0, p.n, p.alpha, p.batch_size, bound)
         tolerance = check_sampling(p.sampling, p.tolerance)
+        target_radius = check_target(p.sampling, p.target_radius)
         search = None
         if p.sigma_search is not None:
             resolved = SigmaSearch(**p.sigma_search.model_dump()).resolved()
@@ -88,7 +91,7 @@ def certification(p: CertificationParams, spec: ModelSpec, settings: Settings) -
         raise InvalidRequest(str(exc)) from None
     return {
         "sigma": sigma, "sigma_search": search, "bound": bound, "n0": p.n0, "n": p.n,
-        "alpha": p.alpha, "sampling": p.sampling, "tolerance": tolerance,
+        "alpha": p.alpha, "sampling": p.sampling, "tolerance": tolerance, "target_radius": target_radius,
         "batch_size": p.batch_size, "numeric_mode": _mode(p.numeric_mode),
         "memory": p.memory if p.memory is not None else search is not None,
         "seed": _seed(p.seed),

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from service.store import JobKind, JobState
 from smoothcert.adaptive import DEFAULT_TOLERANCE, MAX_TOLERANCE
+from smoothcert.sequential import MAX_TARGET_RADIUS
 
 ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -21,6 +22,7 @@ Count = Annotated[int, Field(ge=1)]  # the upper limits come from the settings
 Alpha = Annotated[float, Field(gt=0, lt=1, description="1 − confidence; strictly in (0, 1)")]
 Seed = Annotated[int, Field(ge=0, lt=2**63, description="same seed + same request = same result")]
 Tolerance = Annotated[float, Field(ge=0, le=MAX_TOLERANCE, allow_inf_nan=False)]
+TargetRadius = Annotated[float, Field(ge=0, le=MAX_TARGET_RADIUS, allow_inf_nan=False)]
 BatchSize = Annotated[int | None, Field(None, ge=1, description="noisy copies per forward pass; default: "
                                        "measured for the model on the worker's device")]
 NumericModeName = Annotated[str | None, Field(None, max_length=64, description=(
@@ -71,12 +73,18 @@ class CertificationParams(_Strict):
     n0: Count = 100
     n: Count = 100_000
     alpha: Alpha = 0.001
-    sampling: Literal["fixed", "adaptive"] = Field(
+    sampling: Literal["fixed", "adaptive", "sequential"] = Field(
         "fixed", description="adaptive: n is the maximum; each input's estimation size is chosen from its "
-                             "selection sample (the result's n; n_max the maximum)")
+                             "selection sample (the result's n; n_max the maximum). sequential: n is the "
+                             "maximum; votes are drawn in looks and sampling stops as soon as the certified "
+                             "radius reaches target_radius or cannot (the result's n and look_alpha: the "
+                             "look whose bound is given; samples: every vote drawn)")
     tolerance: Tolerance | None = Field(
         None, description="adaptive sampling: the expected radius loss allowed against n, in units of σ "
                           f"(default {DEFAULT_TOLERANCE})")
+    target_radius: TargetRadius | None = Field(
+        None, description="sequential sampling: stop as soon as the certified ℓ2 radius reaches it (same "
+                          "units as the radius); required with sampling \"sequential\", refused otherwise")
     batch_size: BatchSize = None
     numeric_mode: NumericModeName = None
     memory: bool | None = Field(None, description="default: true with sigma_search, false with a fixed σ")

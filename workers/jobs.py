@@ -124,6 +124,7 @@ def certification_result(cert: Certificate, job: JobRecord, model: LoadedModel, 
         "abstained": cert.abstained, "radius": cert.radius, "sigma": cert.sigma,
         "p_a_lower": cert.p_a_lower, "bound": cert.bound, "n0": cert.n0, "n": cert.n,
         "alpha": cert.alpha, "sampling": cert.sampling, "n_max": cert.n_max, "tolerance": cert.tolerance,
+        "target_radius": cert.target_radius, "look_alpha": cert.look_alpha,
         "memory": record,
         "model": {"name": job.model, "digest": cert.model_digest or job.digest},
         "seed": cert.seed, "numeric_mode": cert.numeric_mode, "batch_size": cert.batch_size,
@@ -174,7 +175,8 @@ def run_evaluation(store: Store, model: LoadedModel, job: JobRecord,
         model.certifier, dataset, every=req["every"], limit=req["limit"],
         sigma_search=sigma_search_of(req.get("sigma_search")), memory=bool(req["memory"]),
         progress=EvaluationProgress(store, job.id, total), cancel=cancel,
-        **_present(req, "sigma", "bound", "n0", "n", "alpha", "sampling", "tolerance", "batch_size", "seed"),
+        **_present(req, "sigma", "bound", "n0", "n", "alpha", "sampling", "tolerance",
+                   "target_radius", "batch_size", "seed"),
     )
     with tempfile.TemporaryDirectory() as folder:
         summary = write_run(folder, run)
@@ -220,7 +222,8 @@ def execute(store: Store, runtime: ModelRuntime, job: JobRecord,
     cert = model.certify(
         x, job.id, memory=memory, on_commit=lambda spent: store.set_progress(job.id, "memory", spent, spent),
         sigma_search=sigma_search_of(req.get("sigma_search")),
-        **_present(req, "sigma", "bound", "n0", "n", "alpha", "sampling", "tolerance", "batch_size", "seed"), **common,
+        **_present(req, "sigma", "bound", "n0", "n", "alpha", "sampling", "tolerance",
+                   "target_radius", "batch_size", "seed"), **common,
     )
     return certification_result(cert, job, model, memory), Answer(cert.samples, cert.seconds, cert.abstained)
 

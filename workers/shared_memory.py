@@ -198,7 +198,7 @@ class SharedMemory:
         before, radius_before = _cls(int(self._before[index])), _opt(float(self._radius_before[index]))
         if (base.prediction, base.radius) != (before, radius_before):
             base = base.replace(n_a=None, p_b_upper=None, runner_up=None, n_a_halves=None,
-                                p_a_lower_halves=None, search=None)
+                                p_a_lower_halves=None, search=None, look_alpha=None)
         conflict = int(self._conflict[index])
         return base.replace(
             prediction=_cls(int(self.local.classes[index])), radius=float(self.local.radii[index]),

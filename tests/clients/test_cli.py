@@ -53,6 +53,15 @@ def test_certify_sends_sampling_and_tolerance(run, state, image):
     assert run("certify", image, "--model", "digits", "--sampling", "sometimes")[0] == 2
 
 
+def test_certify_sends_sequential_sampling_and_target_radius(run, state, image):
+    code, _, _ = run("certify", image, "--model", "digits", "--sampling", "sequential", "--target-radius", "0.5")
+    assert code == 0
+    request = state.last_job().request
+    assert (request["sampling"], request["target_radius"]) == ("sequential", 0.5) and "tolerance" not in request
+    assert run("certify", image, "--model", "digits")[0] == 0
+    assert "target_radius" not in state.last_job().request  # not given: not sent
+
+
 def test_certify_without_wait_prints_the_job(run, state, image):
     code, out, _ = run("certify", image, "--model", "digits", "--sigma", "0.5", "--idempotency-key", "k")
     assert (code, out) == (0, "cert-0\tqueued\n")

@@ -68,6 +68,24 @@ def test_adaptive_sampling_round_trip(world):
     assert r.prediction == 7 and r.radius > 0
     assert (r.sampling, r.n_max, r.tolerance) == ("adaptive", 20_000, 0.1)
     assert 0 < r.n < r.n_max and r.extra["samples"] == 100 + r.n
+    assert (r.target_radius, r.look_alpha) == (None, None)
+
+
+def test_sequential_sampling_round_trip(world):
+    client, work, _ = world
+    digit = ROOT / "examples" / "digit-7.png"
+    with client() as c:
+        job = c.certify(digit, model="digits", sigma=0.25, n=10_000, seed=5, sampling="sequential", target_radius=0.25)
+        assert work(job.id) == "succeeded"
+        r = job.status().result
+        with pytest.raises(UnprocessableEntityError, match="needs target_radius"):
+            c.certify(digit, model="digits", sampling="sequential")
+        with pytest.raises(UnprocessableEntityError, match="target_radius applies"):
+            c.certify(digit, model="digits", target_radius=0.25)
+    assert r.prediction == 7 and r.radius >= 0.25
+    assert (r.sampling, r.n_max, r.target_radius, r.tolerance) == ("sequential", 10_000, 0.25, None)
+    assert 0 < r.n < r.n_max and r.extra["samples"] >= 100 + r.n
+    assert 0 < r.look_alpha < r.alpha
 
 
 def test_search_with_memory_and_the_memory_endpoint(world):

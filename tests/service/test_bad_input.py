@@ -74,11 +74,21 @@ BAD = {
     "search steps too many": (body(sigma=None, sigma_search={"method": "ddrs", "steps": 10**6}),
                               "invalid_request", "steps"),
     "unknown bound": (body(bound="three_sided"), "invalid_request", "bound"),
-    "unknown sampling": (body(sampling="sequential"), "invalid_request", "sampling"),
+    "unknown sampling": (body(sampling="sometimes"), "invalid_request", "sampling"),
     "tolerance with fixed sampling": (body(tolerance=0.1), "invalid_request", "tolerance applies"),
     "tolerance negative": (body(sampling="adaptive", tolerance=-0.1), "invalid_request", "tolerance"),
     "tolerance too large": (body(sampling="adaptive", tolerance=100), "invalid_request", "tolerance"),
     "tolerance as string": (body(sampling="adaptive", tolerance="0.1"), "invalid_request", "tolerance"),
+    "tolerance with sequential sampling": (body(sampling="sequential", target_radius=0.5, tolerance=0.1),
+                                           "invalid_request", "tolerance"),
+    "sequential without target_radius": (body(sampling="sequential"), "invalid_request", "needs target_radius"),
+    "target_radius with fixed sampling": (body(target_radius=0.5), "invalid_request", "target_radius applies"),
+    "target_radius with adaptive sampling": (body(sampling="adaptive", target_radius=0.5),
+                                             "invalid_request", "target_radius applies"),
+    "target_radius negative": (body(sampling="sequential", target_radius=-0.1), "invalid_request", "target_radius"),
+    "target_radius too large": (body(sampling="sequential", target_radius=1e7), "invalid_request", "target_radius"),
+    "target_radius as string": (body(sampling="sequential", target_radius="0.5"), "invalid_request",
+                                "target_radius"),
     "drs bound on a standard model": (body(bound="drs"), "invalid_request", "DRS"),
     "seed negative": (body(seed=-1), "invalid_request", "seed"),
     "seed too large": (body(seed=2**64), "invalid_request", "seed"),
@@ -139,6 +149,10 @@ def test_json_nan_literals_are_refused(client, store, redis_client):
                 b'{"model": "digits", "alpha": Infinity, "input": {"tensor": [[0.5]]}}'):
         r = client.post("/v1/certifications", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 422, r.text
+    for literal in (b"Infinity", b"-Infinity", b"NaN"):
+        raw = b'{"model": "digits", "sampling": "sequential", "target_radius": %s, "input": {"tensor": [[0.5]]}}'
+        r = client.post("/v1/certifications", content=raw % literal, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "target_radius" in r.json()["error"]["message"], r.text
     assert nothing_stored(store, redis_client)
 
 

@@ -16,6 +16,7 @@ from service.main import create_app
 from tests.conftest import free_port
 from tests.service.conftest import (
     PREFIX,
+    ROOT,
     image,
     make_settings,
     npy_b64,
@@ -85,8 +86,8 @@ def test_the_stored_request_resolves_every_default(client, store):
     seed = request.pop("seed")
     assert isinstance(seed, int) and 0 <= seed < 2**63
     assert request == {"sigma": 0.25, "sigma_search": None, "bound": "cohen", "n0": 100, "n": 100000,
-                       "alpha": 0.001, "sampling": "fixed", "tolerance": None, "batch_size": None,
-                       "numeric_mode": "fp32", "memory": False}
+                       "alpha": 0.001, "sampling": "fixed", "tolerance": None, "target_radius": None,
+                       "batch_size": None, "numeric_mode": "fp32", "memory": False}
     r = submit(client, {"sigma": None, "sigma_search": {"method": "ddrs", "init": 0.5}})
     request = store.get_job(r.json()["id"]).request
     assert request["sigma_search"] == {"method": "ddrs", "steps": 100, "lr": 0.01, "samples": 64, "init": 0.5}
@@ -102,6 +103,44 @@ def test_adaptive_sampling_is_stored_with_its_tolerance(client, store):
                     data={"model": "digits", "sampling": "adaptive", "tolerance": "0"})
     assert r.status_code == 202, r.text
     assert store.get_job(r.json()["id"]).request["tolerance"] == 0.0
+
+
+def test_sequential_sampling_is_stored_with_its_target_radius(client, store):
+    request = store.get_job(submit(client, {"sampling": "sequential", "target_radius": 0.5}).json()["id"]).request
+    assert (request["sampling"], request["target_radius"], request["tolerance"], request["n"]) == \
+        ("sequential", 0.5, None, 1000)
+    request = store.get_job(submit(client, {"sampling": "sequential", "target_radius": 1}).json()["id"]).request
+    assert request["target_radius"] == 1.0 and isinstance(request["target_radius"], float)
+    r = client.post("/v1/certifications", files={"image": ("x.npy", npy_bytes(X))},
+                    data={"model": "digits", "sampling": "sequential", "target_radius": "0"})
+    assert r.status_code == 202, r.text
+    assert store.get_job(r.json()["id"]).request["target_radius"] == 0.0
+    request = store.get_job(submit(client, {"sampling": "adaptive"}).json()["id"]).request
+    assert request["target_radius"] is None
+
+
+def test_a_sequential_certification_end_to_end(client, store, redis_url):
+    # The real digits bundle (the registered one has dummy weights) and the workers' run_job.
+    from service.up import DEMO_BUNDLE, register_bundle
+    from workers.jobs import run_job
+    from workers.runtime import ModelRuntime
+
+    register_bundle(store, DEMO_BUNDLE)
+    image_b64 = base64.b64encode((ROOT / "examples" / "digit-7.png").read_bytes()).decode()
+    r = submit(client, {"input": {"image_b64": image_b64}, "n": 10_000, "seed": 3,
+                        "sampling": "sequential", "target_radius": 0.25})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    settings = make_settings(redis_url, device="cpu")
+    assert run_job(store, ModelRuntime(store, settings), job_id, settings) == "succeeded"
+    body = client.get(f"/v1/certifications/{job_id}").json()
+    result = body["result"]
+    assert (result["sampling"], result["target_radius"], result["n_max"], result["tolerance"]) == \
+        ("sequential", 0.25, 10_000, None)
+    assert result["prediction"] == 7 and result["radius"] >= 0.25  # reached the target: stopped early
+    assert 0 < result["n"] < result["n_max"] and result["samples"] >= result["n0"] + result["n"]
+    assert 0 < result["look_alpha"] < result["alpha"]
+    assert body["request"]["target_radius"] == 0.25
 
 
 def test_status_progress_result(client, store):

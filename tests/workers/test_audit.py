@@ -38,7 +38,8 @@ def world(redis_url, redis_client):
     {"sigma": 0.25, "n0": 64, "n": 1500, "alpha": 0.01},
     {"sigma_search": {"method": "ddrs", "steps": 3}, "memory": False, "bound": "two_sided", "n": 1200},
     {"sigma": 0.5, "sampling": "adaptive", "n": 4000},
-], ids=["fixed sigma", "sigma search, two-sided", "adaptive sampling"])
+    {"sigma": 0.25, "sampling": "sequential", "target_radius": 0.25, "n": 4000},
+], ids=["fixed sigma", "sigma search, two-sided", "adaptive sampling", "sequential sampling"])
 def test_a_certificate_is_derived_again_from_what_it_shows(world, request_):
     client, store, runtime, settings = world
     image_b64 = base64.b64encode(IMAGE.read_bytes()).decode()
@@ -63,11 +64,11 @@ def test_a_certificate_is_derived_again_from_what_it_shows(world, request_):
     x = check_shape(decode_image(IMAGE.read_bytes(), channels=1), bundle.spec.input_shape)
     search = request["sigma_search"]
     certifier = Certifier(bundle, device="cpu", numeric_mode=result["numeric_mode"])
-    adaptive = {k: result[k] for k in ("sampling", "tolerance") if result.get(k) is not None}
+    sampling = {k: result[k] for k in ("sampling", "tolerance", "target_radius") if result.get(k) is not None}
     again = certifier.certify(
         x, sigma=None if search else result["sigma"], bound=result["bound"], n0=result["n0"],
         n=result.get("n_max") or result["n"], alpha=result["alpha"], batch_size=result["batch_size"],
-        seed=result["seed"], sigma_search=SigmaSearch(**search) if search else None, **adaptive,
+        seed=result["seed"], sigma_search=SigmaSearch(**search) if search else None, **sampling,
     )
     assert (again.prediction, again.radius, again.p_a_lower, again.sigma) == (
         result["prediction"], result["radius"], result["p_a_lower"], result["sigma"])

@@ -58,6 +58,19 @@ def test_evaluation_job_with_adaptive_sampling(redis_client):
     assert "\tseed\tn\n" in store.get_artifact(job_id, "results.tsv").decode()
 
 
+def test_evaluation_job_with_sequential_sampling(redis_client):
+    settings = Settings(device="cpu")
+    store = Store(redis_client)
+    register_bundle(store, DEMO_BUNDLE)
+    job_id = submit(store, {"n": 5000, "sampling": "sequential", "target_radius": 0.1}, count=2)
+    assert run_job(store, ModelRuntime(store, settings), job_id, settings) == "succeeded"
+    summary = store.get_job(job_id).result
+    parameters = summary["parameters"]
+    assert (parameters["sampling"], parameters["target_radius"], parameters["tolerance"]) == ("sequential", 0.1, None)
+    assert summary["samples"]["estimation_mean"] < 5000
+    assert "\tseed\tn\n" in store.get_artifact(job_id, "results.tsv").decode()
+
+
 def test_evaluation_job_cancels_between_batches(redis_client):
     settings = Settings(device="cpu")
     store = Store(redis_client)

@@ -45,6 +45,18 @@ def test_adaptive_sampling_reaches_the_certificate(store, runtime, settings, dig
     run_job(store, runtime, fixed, settings)
     r = store.get_job(fixed).result
     assert (r["sampling"], r["n"], r["n_max"], r["tolerance"]) == ("fixed", 2000, 2000, None)
+    assert (r["target_radius"], r["look_alpha"]) == (None, None)
+
+
+def test_sequential_sampling_reaches_the_certificate(store, runtime, settings, digest):
+    x = constant(0.7)
+    job_id = new_job(store, digest, x, n=20_000, sampling="sequential", target_radius=0.3)
+    assert run_job(store, runtime, job_id, settings) == "succeeded"
+    r = store.get_job(job_id).result
+    assert (r["sampling"], r["n_max"], r["target_radius"], r["tolerance"]) == ("sequential", 20_000, 0.3, None)
+    assert 0.3 <= r["radius"] <= distance_to_boundary(x)  # reached the target: stopped at an early look
+    assert 0 < r["n"] < 20_000 and r["samples"] >= 50 + r["n"]
+    assert 0 < r["look_alpha"] < r["alpha"]
 
 
 def test_same_seed_same_certificate(store, runtime, settings, digest):
@@ -117,7 +129,10 @@ def test_an_ended_job_is_not_run_again(store, runtime, settings, digest):
     ({"sigma": 5.0}, constant(0.8), "outside the model's range"),
     ({"sigma_search": {"method": "nope"}}, constant(0.8), "sigma_search.method"),
     ({"bound": "drs"}, constant(0.8), "DRS bundle"),
-    ({"sampling": "sequential"}, constant(0.8), "sampling must be one of"),
+    ({"sampling": "sometimes"}, constant(0.8), "sampling must be one of"),
+    ({"sampling": "sequential"}, constant(0.8), "needs target_radius"),
+    ({"sampling": "sequential", "target_radius": -1.0}, constant(0.8), "target_radius"),
+    ({"target_radius": 0.5}, constant(0.8), "target_radius applies"),
     ({"sampling": "adaptive", "tolerance": -1.0}, constant(0.8), "tolerance"),
     ({}, np.zeros((1, 3, 3), np.float32), "input has shape"),
 ])
