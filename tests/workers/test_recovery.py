@@ -64,7 +64,9 @@ def test_a_starting_worker_queues_a_job_an_api_stored_and_never_queued(store, se
     stop = heartbeat.start_heartbeat("hb@start", settings.model_copy(update={"heartbeat_seconds": 0.2}),
                                      recovery_grace=0.5)
     try:
-        wait_for(lambda: store.queue_depth("certifications") == 1, 15, "the job to be queued by the start pass")
-        assert lost.encode() in store.r.lindex("certifications", 0) and store.was_enqueued(lost)
+        # The pass publishes, then marks the job as enqueued: wait for both, not just the first.
+        wait_for(lambda: store.queue_depth("certifications") == 1 and store.was_enqueued(lost), 15,
+                 "the job to be queued and marked by the start pass")
+        assert lost.encode() in store.r.lindex("certifications", 0)
     finally:
         stop.set()
