@@ -28,8 +28,6 @@ from smoothcert.sampling import (
 
 # progress(stage, samples_done, samples_total); stages: sigma_search, selection, estimation.
 StageProgress = Callable[[str, int, int], None]
-# The estimation size: fixed, or chosen from (cA, selection counts) by adaptive sampling.
-EstimationSize = int | Callable[[int, list[np.ndarray]], int]
 
 
 def stage(progress: StageProgress | None, name: str, offset: int = 0, total: int | None = None):
@@ -47,41 +45,11 @@ def seeded(seed: int | None, generator: torch.Generator | None, device) -> tuple
     return seed, make_generator(seed, device)
 
 
-def select_and_estimate(
-    networks: Sequence[nn.Module],
-    views: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-    x: torch.Tensor,
-    sigma: float,
-    n0: int,
-    n: EstimationSize,
-    **sample,
-) -> tuple[int, list[np.ndarray]]:
-    """CERTIFY's two samples: cA = argmax of the selection counts summed over the networks
-    (n0 samples), then each network's counts on n *fresh* samples (never the selection's).
-
-    `n` may be a plan (adaptive sampling): called with cA and the selection counts, before
-    any estimation sample is drawn, it returns the estimation size (0: draw none)."""
-    progress = sample.pop("progress", None)
-    c_a, counts0 = select(networks, views, x, sigma, n0, progress=progress, **sample)
-    if callable(n):
-        n = n(c_a, counts0)
-    counts = sample_counts_multi(networks, views, x, sigma, n, progress=stage(progress, "estimation"), **sample)
-    return c_a, counts
-
-
 def select(networks, views, x, sigma, n0, *, progress: StageProgress | None = None,
            **sample) -> tuple[int, list[np.ndarray]]:
     """The selection sample: cA = argmax of n0 votes summed over the networks, and the counts."""
     counts0 = sample_counts_multi(networks, views, x, sigma, n0, progress=stage(progress, "selection"), **sample)
     return int(np.argmax(sum(counts0))), counts0
-
-
-def estimation_size(sampling: str, bound: str, n: int, alpha: float, tolerance: float | None) -> EstimationSize:
-    """What `select_and_estimate` takes for `n`: n itself (fixed sampling), or the plan of
-    smoothcert.adaptive with n as the maximum (a function of the selection sample only)."""
-    if sampling == "fixed":
-        return n
-    return lambda c_a, counts0: adaptive.plan(bound, c_a, counts0, n_max=n, alpha=alpha, tolerance=tolerance).n
 
 
 # The bound of a certificate on estimation counts at a level: (radius or None, its fields).
@@ -111,20 +79,22 @@ def estimate_votes(
     fixed and adaptive: one estimation of n (adaptive: chosen from the selection sample) at α.
     sequential: the looks of smoothcert.sequential, each bound at its own level; the
     largest radius of any look, with that look's n and level."""
-    if sampling != "sequential":
-        c_a, counts = select_and_estimate(
-            networks, views, x, sigma, n0, estimation_size(sampling, bound, n, alpha, tolerance),
-            num_classes=num_classes, **sample)
-        drawn = int(counts[0].sum())
-        radius, fields = estimate(c_a, counts, alpha)
-        return c_a, radius, dict(fields, n=drawn, samples=n0 + drawn)
     progress = sample.pop("progress", None)
-    c_a, _ = select(networks, views, x, sigma, n0, progress=progress, num_classes=num_classes, **sample)
-    plan = sequential.schedule(bound, n_max=n, alpha=alpha, target_margin=target_radius / sigma,
-                               num_classes=num_classes)
-    radius, fields, drawn = look_by_look(networks, views, x, sigma, c_a, plan, target_radius, bound=bound,
-                                         estimate=estimate, num_classes=num_classes, progress=progress, **sample)
-    return c_a, radius, dict(fields, samples=n0 + drawn)
+    c_a, counts0 = select(networks, views, x, sigma, n0, progress=progress, num_classes=num_classes, **sample)
+    if sampling == "sequential":
+        plan = sequential.schedule(bound, n_max=n, alpha=alpha, target_margin=target_radius / sigma,
+                                   num_classes=num_classes)
+        radius, fields, drawn = look_by_look(networks, views, x, sigma, c_a, plan, target_radius, bound=bound,
+                                             estimate=estimate, num_classes=num_classes, progress=progress,
+                                             **sample)
+        return c_a, radius, dict(fields, samples=n0 + drawn)
+    if sampling == "adaptive":  # n from the selection counts alone, before any estimation vote
+        n = adaptive.plan(bound, c_a, counts0, n_max=n, alpha=alpha, tolerance=tolerance).n
+    # Fresh votes, never the selection's.
+    counts = sample_counts_multi(networks, views, x, sigma, n, num_classes=num_classes,
+                                 progress=stage(progress, "estimation"), **sample)
+    radius, fields = estimate(c_a, counts, alpha)
+    return c_a, radius, dict(fields, n=n, samples=n0 + n)
 
 
 def look_by_look(networks, views, x, sigma, c_a: int, plan: sequential.Schedule, target_radius: float, *, bound: str,
