@@ -171,6 +171,35 @@ def test_certify_with_memory_answers_redelivers_and_commits_once(store, certifie
     assert store.memory_entry_of(certifier.namespace, "job-2") is None
 
 
+def test_sequential_certificates_commit_redeliver_and_answer_like_fixed_ones(store, certifier):
+    # The rule sees only the certificate: a sequential one (stopped at an early look) commits
+    # its radius; what the memory does not keep (the look's level) is not claimed afterwards.
+    mem = SharedMemory(store, certifier.namespace, DIM, capacity=100)
+    kw = {"n0": 20, "n": 8000, "alpha": 0.001, "batch_size": 500, "seed": 3,
+          "sampling": "sequential", "target_radius": 0.1}
+    first = certify_with_memory(certifier, mem, constant(0.55), "job-1", **kw)
+    assert first.memory.outcome == "new" and first.radius >= 0.1 and first.target_radius == 0.1
+    assert first.n < 8000 and 0 < first.look_alpha < 0.001  # an early look's own share of α
+    again = certify_with_memory(certifier, shared_copy(store, certifier), constant(0.55), "job-1", **kw)
+    assert again.samples == 0 and again.memory == first.memory
+    assert (again.prediction, again.radius, again.p_a_lower) == (first.prediction, first.radius, first.p_a_lower)
+    assert again.look_alpha is None and again.sampling == "sequential"
+    # Two deliveries of one job raced: the later run's own look is not claimed for the entry.
+    late = certifier.certify(constant(0.55), **{**kw, "seed": 4})
+    assert late.radius != first.radius and late.look_alpha is not None
+    raced = mem.commit("job-1", certifier.tensor(constant(0.55)), late)
+    assert (raced.radius, raced.memory.entry) == (first.radius, 0) and raced.look_alpha is None
+    near = constant(0.55)
+    near[0, 0, 0] += 0.01
+    answered = certify_with_memory(certifier, mem, near, "job-2", **kw)
+    assert answered.samples == 0 and answered.memory.outcome == "inside" and answered.look_alpha is None
+    assert 0 < answered.radius < first.radius
+    # A later fixed-n job sees the sequential entry as any other ball.
+    fixed = certify_with_memory(certifier, mem, near, "job-3", **{**kw, "sampling": "fixed", "target_radius": None})
+    assert fixed.memory.outcome == "inside" and fixed.radius == answered.radius
+    assert store.memory_size(certifier.namespace)[0] == 1
+
+
 def shared_copy(store: Store, certifier: Certifier) -> SharedMemory:
     return SharedMemory(store, certifier.namespace, DIM, capacity=100)
 
