@@ -7,7 +7,8 @@ can change the floating point result of the network, so the whole name goes into
 certificate and the memory namespace: certificates made in different modes never share a
 memory.
 
-- `fp32` (default): the network as stored.
+- `fp32` (default): the network as stored, in IEEE float32 (on CUDA too: TF32 is switched
+  off, smoothcert.numerics.pin_ieee_fp32).
 - `bf16`: `torch.autocast` to bfloat16 (CPU with AVX-512 BF16 / AMX, or CUDA).
 - `fp16`: `torch.autocast` to float16, CUDA only.
 - `+fuse`: BatchNorm folded into the preceding convolution for inference (changes rounding,

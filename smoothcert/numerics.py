@@ -147,8 +147,23 @@ class ModeNetwork:
                 self(torch.zeros((size, *input_shape), device=self.device))
 
 
+def pin_ieee_fp32(device: torch.device | str) -> None:
+    """On CUDA, float32 convolutions and matrix products in IEEE float32, for this process.
+
+    By default PyTorch lets cuDNN run float32 convolutions in TF32 (a 10-bit mantissa) on
+    Ampere and later GPUs: mode "fp32" would then evaluate a reduced-precision function that
+    neither the certificate nor the memory namespace names. bf16 and fp16 ask for reduced
+    precision through autocast, which these switches leave alone. The legacy switches are set
+    because reading them fails once the newer `fp32_precision` ones have been set."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def in_mode(network: nn.Module, mode: NumericMode | str | None, device) -> nn.Module | ModeNetwork:
-    """`network` itself in fp32 without flags (nothing to wrap), else a ModeNetwork."""
+    """`network` itself in fp32 without flags (nothing to wrap), else a ModeNetwork; on CUDA,
+    float32 arithmetic is IEEE float32 from then on (`pin_ieee_fp32`)."""
+    pin_ieee_fp32(device)
     parsed = parse_mode(mode)
     if parsed == NumericMode():
         return network

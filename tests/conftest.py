@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import shutil
+import socket
 
 import pytest
 
-from tests.redis_server import RedisServer, free_port
+# Nothing outside the standard library and pytest at import time: the engine's tests
+# (tests/smoothcert) then run where only torch is installed, e.g. on a lent GPU machine.
 
-__all__ = ["free_port"]  # the tests take it from here
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the tests take it from here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """A redis-server started for this test session, with append-only persistence as in
     production, stopped at the end."""
+    from tests.redis_server import RedisServer
+
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not on the PATH; `make test` installs it with apt-get")
     server = RedisServer(tmp_path_factory.mktemp("redis"))

@@ -5,7 +5,6 @@ the same port."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,12 +12,7 @@ from pathlib import Path
 import redis
 
 from service.up import redis_command
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 class RedisServer:

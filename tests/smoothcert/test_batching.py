@@ -32,13 +32,16 @@ class Slow(nn.Module):
         return self.inner(x)
 
 
-def run_jobs(classifier, inputs, seeds, *, sigma=0.5, num=3000, batch=256, concurrent=True):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def run_jobs(classifier, inputs, seeds, *, sigma=0.5, num=3000, batch=256, concurrent=True, device="cpu"):
     """Counts of one job per (input, seed), run in threads at once or one after another."""
     out: list = [None] * len(inputs)
 
     def job(i):
-        out[i] = sample_counts(classifier, inputs[i], sigma, num, num_classes=10, batch_size=batch,
-                               generator=make_generator(seeds[i], "cpu"))
+        out[i] = sample_counts(classifier, inputs[i].to(device), sigma, num, num_classes=10, batch_size=batch,
+                               generator=make_generator(seeds[i], device))
 
     if concurrent:
         threads = [threading.Thread(target=job, args=(i,)) for i in range(len(inputs))]
@@ -57,17 +60,20 @@ def digits():
     return load_bundle("models/digits")
 
 
-def test_merged_jobs_keep_their_own_counts_exactly(digits):
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_jobs_keep_their_own_counts_exactly(device):
     """Eight jobs through one scheduler: the passes carry several jobs' rows, and each job's
-    counts equal that job run alone, directly, with the same seed."""
+    counts equal that job run alone, directly, with the same seed (on a GPU too, where a
+    merged pass is a larger batch for cuDNN/cuBLAS to choose kernels for)."""
+    digits = load_bundle("models/digits", device=torch.device(device))
     net = Slow(digits.classifier)
     rng = np.random.default_rng(0)
     inputs = [torch.from_numpy(rng.random(digits.spec.input_shape, dtype=np.float32)) for _ in range(8)]
     seeds = list(range(100, 108))
-    alone = run_jobs(digits.classifier, inputs, seeds, concurrent=False)
+    alone = run_jobs(digits.classifier, inputs, seeds, concurrent=False, device=device)
     scheduler = BatchScheduler()
     try:
-        merged = run_jobs(scheduler.bind(net, max_rows=4096), inputs, seeds)
+        merged = run_jobs(scheduler.bind(net, max_rows=4096), inputs, seeds, device=device)
     finally:
         scheduler.close()
     for a, m in zip(alone, merged, strict=True):
@@ -77,14 +83,16 @@ def test_merged_jobs_keep_their_own_counts_exactly(digits):
     assert max(net.rows) <= 4096
 
 
-def test_exact_model_counts_are_identical_with_and_without_merging():
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_model_counts_are_identical_with_and_without_merging(device):
     model = HalfSpace(torch.linspace(-1, 1, 16), b=0.05).eval()
     inputs = [point_at(model, (1, 4, 4), d) for d in (-0.3, -0.1, 0.0, 0.1, 0.3)]
+    model = model.to(device)
     seeds = [1, 2, 3, 4, 5]
-    alone = run_jobs(model, inputs, seeds, concurrent=False)
+    alone = run_jobs(model, inputs, seeds, concurrent=False, device=device)
     scheduler = BatchScheduler()
     try:
-        merged = run_jobs(scheduler.bind(Slow(model), max_rows=1024), inputs, seeds)
+        merged = run_jobs(scheduler.bind(Slow(model), max_rows=1024), inputs, seeds, device=device)
     finally:
         scheduler.close()
     assert all(np.array_equal(a, m) for a, m in zip(alone, merged, strict=True))

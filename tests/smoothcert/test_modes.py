@@ -261,3 +261,29 @@ def test_cuda_modes_pass_the_exact_answer_checks(mode):
 @pytest.mark.parametrize("mode", ["fp32+fuse", "fp16+fuse+channels_last"])
 def test_cuda_fuse_modes_pass_the_exact_answer_checks_with_a_batch_norm_to_fold(mode):
     _check_mode(mode, "cuda", ConvBatchNormHalfSpace)
+
+
+def test_a_cuda_network_pins_float32_to_ieee():
+    # cuDNN's default runs float32 convolutions in TF32 on Ampere and later: mode "fp32"
+    # would not be the function its name says. Setting the switches needs no GPU.
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        in_mode(nn.Conv2d(1, 1, 3), "fp32", "cpu")
+        assert torch.backends.cudnn.allow_tf32  # a CPU network changes nothing
+        in_mode(nn.Conv2d(1, 1, 3), "fp32", "cuda")
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@needs_cuda
+def test_cuda_fp32_convolutions_are_ieee_float32():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(256, 256, 3, padding=1).cuda().eval()
+    x = torch.randn(8, 256, 16, 16, device="cuda")
+    net = in_mode(conv, "fp32", "cuda")
+    with torch.inference_mode():
+        got, exact = net(x).double(), conv.double()(x.double())
+    # IEEE float32 over 2,304 products: ~1e-6 relative; TF32's 10-bit mantissa: ~1e-3.
+    assert ((got - exact).abs().max() / exact.abs().max()).item() < 1e-4
