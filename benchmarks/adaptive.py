@@ -194,6 +194,26 @@ def sequential_lines(name: str, fixed: dict, seq: dict, target: float, count: in
     ]
 
 
+def curve_lines(name: str, fixed: dict, runs: dict[float, dict], count: int) -> list[str]:
+    """Sequential sampling run once per target radius, as a way to the certified-accuracy
+    curve at those radii: the samples of all the runs together (each draws its own selection
+    sample) against fixed n, and the largest certified-accuracy difference at any of them.
+    No ACR: a sequential radius stops at its target."""
+    total = sum(run["samples_mean"] for run in runs.values())
+    ratio = fixed["samples_mean"] / total
+    points = {t: 100 * (run["accuracy"][t] - fixed["accuracy"][t]) for t, run in runs.items()}
+    worst = max(points, key=lambda t: (abs(points[t]), -t))
+    radii = ", ".join(f"{t:g}" for t in runs)
+    return [
+        f"{'PASS' if ratio >= TARGET_RATIO else 'FAIL'} {name}: sequential once per radius ({radii}): samples "
+        f"per example, all runs together = {total:,.0f}, fixed/sequential = {ratio:.2f}x (target >= {TARGET_RATIO:g}x)",
+        f"{'PASS' if abs(points[worst]) <= TARGET_POINTS else 'FAIL'} {name}: sequential once per radius: largest "
+        f"certified-accuracy difference at those radii = {points[worst]:+.2f} points at r = {worst:g} "
+        f"({runs[worst]['correct'][worst] - fixed['correct'][worst]:+d} images; 1 image = {100 / count:.2f} points) "
+        f"(target within {TARGET_POINTS:g} point)",
+    ]
+
+
 def load_line() -> list[str]:
     try:
         return [f"load average at start: {os.getloadavg()[0]:.2f} (other processes slow the seconds, not the samples)"]
@@ -289,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                                          sampling="sequential", target_radius=target))
             entry["sequential"][target] = seq
             setting_lines += sequential_lines(name, fixed, seq, target, count)
+        if len(targets) > 1:
+            setting_lines += curve_lines(name, fixed, entry["sequential"], count)
         report["settings"][name] = entry
         lines += setting_lines
         print()
