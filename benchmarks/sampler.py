@@ -8,7 +8,9 @@ method runs at its best size and no baseline is slowed down):
 - engine[MODE]: `smoothcert.sampling.sample_counts` (seeded generator, in-place noise, counts
   kept on the device) with the network run in numeric mode MODE (smoothcert.modes);
 - naive:  the reference loop of Cohen et al.'s `core.py` (`_sample_noise`): repeat, `randn_like`,
-  add, forward, `argmax`, `np.bincount` on the host after every batch, under `no_grad`, fp32;
+  add, forward, `argmax`, `np.bincount` on the host after every batch, under `no_grad`, fp32
+  (on CUDA IEEE float32, as the engine's fp32; naive[tf32], for information, is the same loop
+  with cuDNN's default TF32 convolutions);
 - raw:    `model(x_batch)` on a pre-built batch, no noise, no counting, under `inference_mode`,
   fp32 (the ceiling of the fp32 sampler: what the forward pass alone costs). Always the
   network as stored: +fuse modes are engine modes, measured against this unfused baseline;
@@ -62,6 +64,18 @@ TARGET_VS_RAW = 0.95
 TARGET_BEST_CPU = 1.8  # best mode / fp32 naive loop
 TARGET_BEST_GPU = 3.0
 CPU_MODES = "fp32,fp32+channels_last,bf16,bf16+channels_last,fp32+fuse,bf16+fuse,bf16+fuse+channels_last"
+
+
+def with_tf32(run: Callable[[], None]) -> Callable[[], None]:
+    """`run` with cuDNN allowed TF32 float32 convolutions (PyTorch's default, which the
+    engine switches off: smoothcert.numerics.pin_ieee_fp32), then switched off again."""
+    def tf32() -> None:
+        torch.backends.cudnn.allow_tf32 = True
+        try:
+            run()
+        finally:
+            torch.backends.cudnn.allow_tf32 = False
+    return tf32
 
 
 def naive_counts(
@@ -239,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         raw_inference(model, x_batch, args.num)
 
     methods: dict[str, Callable[[], None]] = {"naive": naive, "raw": raw}
+    if device.type == "cuda":  # information: the naive loop under PyTorch's default TF32 convolutions
+        methods["naive[tf32]"] = with_tf32(naive)
     folded = {m: n.folded for m, n in networks.items() if getattr(n, "folded", 0)}
     if any(parse_mode(m).fuse for m in modes):  # information only: no target reads it
         fused_model = ModeNetwork(model, "fp32+fuse", device).network
@@ -293,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         ok = ratio > target if op == ">" else ratio >= target
         verdicts[label] = ok
         print(f"{'PASS' if ok else 'FAIL'} {label} = {ratio:.3f} (target {op} {target:.2f}, medians)")
+    if "naive[tf32]" in rate:
+        print(f"info: {fastest}/naive[tf32] = {rate[fastest] / rate['naive[tf32]']:.3f} (the naive loop with "
+              "cuDNN's default TF32 convolutions, which is not fp32 arithmetic)")
     print(f"info: best-run ratios engine[fp32]/naive = {best['engine[fp32]'] / best['naive']:.3f}, "
           f"engine[fp32]/raw = {best['engine[fp32]'] / best['raw']:.3f}")
 
