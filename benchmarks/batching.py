@@ -65,6 +65,8 @@ else:
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "digits"
 
 TARGET_GPU = 3.0
+# Every job's certification parameters, on the stack and in process alike (plus n and a seed).
+CERTIFY = {"sigma": 0.25, "bound": "cohen", "n0": 100, "alpha": 0.001}
 
 
 def worker_args(name: str, concurrency: int) -> list[str]:
@@ -87,8 +89,8 @@ class Jobs:
         self.visibility = Settings(redis_url=stack.redis_url).visibility_timeout
 
     def submit(self, x: np.ndarray, seed: int) -> str:
-        request = {"sigma": 0.25, "sigma_search": None, "bound": "cohen", "n0": 100, "n": self.n,
-                   "alpha": 0.001, "batch_size": None, "numeric_mode": "fp32", "memory": False, "seed": seed}
+        request = {**CERTIFY, "sigma_search": None, "n": self.n, "batch_size": None, "numeric_mode": "fp32",
+                   "memory": False, "seed": seed}
         job, _ = self.store.create_job("certification", model="digits", digest=self.model.digest,
                                        request=request, input_bytes=npy(x))
         queue.enqueue(self.redis_url, self.visibility, "certification", job.id)
@@ -141,7 +143,7 @@ class InProcess:
             self.scheduler.close()
 
     def job(self, x: np.ndarray, seed: int) -> dict:
-        cert = self.certifier.certify(x, sigma=0.25, bound="cohen", n0=100, n=self.n, alpha=0.001, seed=seed)
+        cert = self.certifier.certify(x, **CERTIFY, n=self.n, seed=seed)
         return {"status": "succeeded", "error": None,
                 "result": {"prediction": cert.prediction, "radius": cert.radius, "batch_size": cert.batch_size}}
 
