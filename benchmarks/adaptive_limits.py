@@ -136,12 +136,6 @@ class Simulation:
                       for k in self.k0])
         return self.certify(n, n + self.args.n0)
 
-    def oracle(self, tolerance: float, slack: float) -> dict[str, Any]:
-        return self.planned("oracle", tolerance, slack)
-
-    def selection(self, tolerance: float, slack: float) -> dict[str, Any]:
-        return self.planned("selection", tolerance, slack)
-
     def planned(self, knowing: str, tolerance: float, slack: float) -> dict[str, Any]:
         """The smallest rung whose expected radius is within t·σ of n_max's and whose chance
         of certifying at each reported radius is at most s below n_max's."""
@@ -240,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         sim = Simulation(p, correct, args, sigma, rng)
         fixed = sim.fixed()
         for label, setting in settings.items():
-            other = sim.shipped() if setting is None else getattr(sim, setting[0])(*setting[1:])
+            if setting is None:
+                other = sim.shipped()
+            else:
+                kind, t, s = setting
+                other = sim.looks(t, s) if kind == "looks" else sim.planned(kind, t, s)
             judged[label].append(judge(fixed, other))
         print(f"  repetition {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
