@@ -34,6 +34,13 @@ model registered and API keys set; every process is killed at exit (also on Ctrl
    engine `seconds`) / wall time, median of `--repeats`. For reference, the same for an
    in-process `Certifier.certify` call at the worker's batch size.
 
+3. `--compare-fsync`: the submission load (1.) twice, each on a fresh stack, once with Redis'
+   `--appendfsync always` (fsync before every reply: production, service.up.redis_command)
+   and once with `--appendfsync everysec`, otherwise identical; `--fsync-rounds` pairs, the
+   order alternating. Prints the ratio always / everysec of the saturation submissions/s
+   (median over rounds) as an INFO line, and the filesystem of Redis' data folder (`df -T`):
+   what an fsync costs depends on it. No overhead phase.
+
 Targets: ≥ 500 submissions/s, p99 submit latency ≤ 250 ms, no lost jobs, overhead ≤ 5 %.
 The client is a minimal HTTP/1.1 client on asyncio streams (`--client raw`, the default;
 uvloop when installed): ~10 µs of CPU per request where `--client httpx` (httpx.AsyncClient)
@@ -43,6 +50,7 @@ outcome: this is a measurement, not a test.
     python benchmarks/api.py
     python benchmarks/api.py --jobs 2000 --paced-jobs 1000 --json /tmp/api.json
     python benchmarks/api.py --skip-overhead --worker-during-submit --client httpx
+    python benchmarks/api.py --compare-fsync --jobs 2000 --paced-jobs 1000 --json /tmp/fsync.json
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,8 +102,9 @@ WORKER_NAME = "bench@%h"
 class Stack(stack.Stack):
     """The shared benchmark stack (benchmarks/stack.py) with one worker and uvicorn."""
 
-    def __init__(self, logs: Path, *, api_workers: int | None, device: str, uvicorn_args: list[str]):
-        super().__init__(logs, device=device)
+    def __init__(self, logs: Path, *, api_workers: int | None, device: str, uvicorn_args: list[str],
+                 redis_args: list[str] | tuple[str, ...] = ()):
+        super().__init__(logs, device=device, redis_args=redis_args)
         self.api_workers, self.uvicorn_args = api_workers, uvicorn_args
 
     def start(self) -> None:
@@ -601,6 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed n = 100,000 certifications")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--compare-fsync", action="store_true",
+                        help="the submission load with Redis --appendfsync always, then everysec (fresh stacks), "
+                             "and their ratio; no overhead phase")
+    parser.add_argument("--fsync-rounds", type=int, default=1,
+                        help="with --compare-fsync: pairs of runs, the order alternating")
     parser.add_argument("--device", default="cpu", help="the worker's and the in-process reference's device")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of the in-process reference (default 1: on the small "
@@ -629,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
           f"overhead at n={OVERHEAD_N}, {args.repeats} repeats")
     print(f"cpu:     {cpu_model()} ({os.cpu_count()} logical cores)")
     print(f"python:  {platform.python_version()} on {platform.system()} {platform.release()}")
+    if args.compare_fsync:
+        lines = compare_fsync(args, logs, report)
+        if args.logs is None:
+            shutil.rmtree(logs, ignore_errors=True)
+        return finish(args, lines, report)
     try:
         stack.start()
         api_line = " ".join(stack.procs["api"].args[2:])
@@ -647,6 +667,11 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
         if args.logs is None:
             shutil.rmtree(logs, ignore_errors=True)
+    return finish(args, lines, report)
+
+
+def finish(args: argparse.Namespace, lines: list[str], report: dict) -> int:
+    """Print the verdict lines and write the numbers (`--json`)."""
     if lines:
         print()
         print("\n".join(lines))
@@ -654,6 +679,70 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2, default=float))
         print(f"numbers written to {args.json}")
     return 0
+
+
+def filesystem(path: Path) -> str:
+    """`df -T`'s device, type and mount point of the filesystem holding `path`."""
+    try:
+        out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    device, fstype, *_, mount = out.strip().splitlines()[-1].split()
+    return f"{fstype} ({device} on {mount})"
+
+
+FSYNC_MODES = ("always", "everysec")
+
+
+def compare_fsync(args: argparse.Namespace, logs: Path, report: dict[str, Any]) -> list[str]:
+    """The submission load on a fresh stack per run, Redis `--appendfsync` always and everysec in
+    turn (the first of each pair alternating); the ratio of their saturation submissions/s."""
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in FSYNC_MODES}
+    lines: list[str] = []
+    print(f"redis data: {filesystem(logs)}, under {logs}")
+    report["redis_data_filesystem"] = filesystem(logs)
+    try:
+        for round_ in range(args.fsync_rounds):
+            for mode in FSYNC_MODES if round_ % 2 == 0 else FSYNC_MODES[::-1]:
+                folder = logs / f"{mode}-{round_ + 1}"
+                folder.mkdir(parents=True, exist_ok=True)
+                stack = Stack(folder, api_workers=args.api_workers, device=args.device,
+                              uvicorn_args=args.uvicorn_arg, redis_args=["--appendfsync", mode])
+                try:
+                    stack.start()
+                    store = stack.store()
+                    confirmed = store.r.config_get("appendfsync")["appendfsync"]
+                    store.r.close()
+                    print(f"\n=== round {round_ + 1}: redis appendfsync {confirmed} (CONFIG GET), {stack.url}")
+                    sub: dict[str, Any] = {}
+                    lines += [f"[appendfsync {mode}, round {round_ + 1}] {line}"
+                              for line in load_phase(args, stack, sub)]
+                    runs[mode].append({"appendfsync": confirmed, **sub["load"]})
+                finally:
+                    stack.stop()
+    except KeyboardInterrupt:
+        print("interrupted; stopping the stack", file=sys.stderr)
+    except Exception as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        report["error"] = f"{type(exc).__name__}: {exc}"
+    report["fsync"] = {"runs": runs}
+    saturation = {mode: [r["phases"]["saturation"] for r in runs[mode] if "saturation" in r["phases"]]
+                  for mode in FSYNC_MODES}
+    rates = {mode: [p["submissions_per_s"] for p in saturation[mode]] for mode in FSYNC_MODES}
+    # On a shared small machine the other processes' CPU decides the rate: shown with each run.
+    other = {mode: [p["cpu_cores"].get("other", float("nan")) for p in saturation[mode]] for mode in FSYNC_MODES}
+    if all(rates.values()) and len(rates["always"]) == len(rates["everysec"]):
+        always, everysec = (statistics.median(rates[m]) for m in FSYNC_MODES)
+        ratio = always / everysec
+        report["fsync"].update({"saturation_per_s": rates, "saturation_other_cpu_cores": other,
+                                "median_always": always, "median_everysec": everysec,
+                                "ratio_always_over_everysec": ratio})
+        runs_text = ", ".join(f"{rates[m][i]:.1f} ({m}, other processes {other[m][i]:.2f} cores)"
+                              for i in range(len(rates["always"])) for m in FSYNC_MODES)
+        lines.append(f"INFO appendfsync always / everysec, saturation submissions/s: {always:.1f} / {everysec:.1f} "
+                     f"= {ratio:.3f} (median of {len(rates['always'])} round(s): {runs_text}; "
+                     f"redis data on {report['redis_data_filesystem']})")
+    return lines
 
 
 def load_phase(args: argparse.Namespace, stack: Stack, report: dict[str, Any]) -> list[str]:

@@ -1,7 +1,9 @@
 """The certificate memory at scale: conflict check and inside lookup against memory size.
 
 Entries are 3×32×32 uint8 patches cropped at random from scikit-learn's two sample photographs
-(`load_sample_images`), with random classes (10) and radii uniform in [0.05, 1.0]. They are
+(`load_sample_images`), with random classes (10) and radii uniform in [0.05, 1.0], in entry
+format v3 (workers/shared_memory.py: each carries its provenance record, here a Cohen
+certificate's at σ = 0.25, n = 10⁵, α = 0.001, in the namespace digest/fp32/cpu/0.001). They are
 loaded through a real redis-server (started here on a free port, `--save "" --appendonly no`,
 killed at exit) with the store's compare-and-set commit, pipelined (`Store.memory_commit_many`),
 and pulled into the worker's copy by a real `SharedMemory.sync` (pages of 4096 entries), one
@@ -52,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import redis
 import torch
+from scipy.stats import norm
 
 # Runnable as a script from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,16 +62,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import OtherLoad, machine_lines
 from service.store import Store
 from smoothcert.memory import apply_rule, lookup, point_values
-from workers.shared_memory import PAGE, Entry, SharedMemory, encode_entry
+from smoothcert.results import Provenance, memory_namespace
+from workers.shared_memory import PAGE, SharedMemory, encode_entry, make_entry
 
 SHAPE = (3, 32, 32)
 DIM = math.prod(SHAPE)
 NUM_CLASSES = 10
 RADII = (0.05, 1.0)
 SIGMA = 0.25
+ALPHA = 0.001
+N0, N = 100, 100_000
 TARGET_MS = 10.0
 TARGET_SIZE = 100_000
-NAMESPACE = "sha256:memory-benchmark/fp32"
+NAMESPACE = memory_namespace("sha256:memory-benchmark", "fp32", "cpu", ALPHA)
 LOAD_CHUNK = 4096
 
 
@@ -137,15 +143,24 @@ def load(store: Store, photos, rng, start: int, stop: int, capacity: int) -> Non
         patches = crops(photos, rng, b - a).reshape(b - a, DIM)
         classes = rng.integers(0, NUM_CLASSES, b - a)
         radii = rng.uniform(*RADII, b - a)
+        p_a_lower = norm.cdf(radii / SIGMA)  # the pA_low each radius comes from: R = σ·Φ⁻¹(pA_low)
         batch = []
         for k in range(b - a):
             c, r = int(classes[k]), float(radii[k])
             job = f"bench-{a + k}"
-            batch.append((job, encode_entry(Entry(c, r, SIGMA, "new", c, r, -1, math.nan, job, patches[k]))))
+            entry = make_entry(c, r, "new", c, r, SIGMA, -1, provenance(float(p_a_lower[k])), job, patches[k])
+            batch.append((job, encode_entry(entry)))
         results = store.memory_commit_many(NAMESPACE, epoch=0, length=a, entries=batch, capacity=capacity)
         bad = [r for r in results if r.status != "committed"]
         if bad:
             raise RuntimeError(f"bulk load refused at entry {a}: {bad[0]}")
+
+
+def provenance(p_a_lower: float) -> Provenance:
+    """The sampling of a "new" entry (its own root): a fixed-n Cohen certificate with this
+    pA_low. A record has a fixed size, so an entry has the size of a real one."""
+    return Provenance(root=None, sigma=SIGMA, bound="cohen", n0=N0, n=N, alpha=ALPHA, level=ALPHA,
+                      sampling="fixed", p_a_lower=p_a_lower, noise_sigma=SIGMA)
 
 
 def rss_bytes() -> int:

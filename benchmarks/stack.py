@@ -34,11 +34,14 @@ def free_port() -> int:
 
 
 class Stack:
-    """redis-server (append-only, no eviction, as in production), the demo model registered,
-    then whatever `worker()` and `api()` start."""
+    """redis-server (append-only fsynced before every reply, no eviction: as in production;
+    `redis_args` are added after redis_command's and override them), the demo model
+    registered, then whatever `worker()` and `api()` start."""
 
-    def __init__(self, logs: Path, *, device: str = "cpu", env: dict[str, str] | None = None):
+    def __init__(self, logs: Path, *, device: str = "cpu", env: dict[str, str] | None = None,
+                 redis_args: list[str] | tuple[str, ...] = ()):
         self.logs, self.device = Path(logs), device
+        self.redis_args = list(redis_args)
         self.procs: dict[str, subprocess.Popen] = {}
         self.url = ""
         self.redis_url = ""
@@ -54,9 +57,11 @@ class Stack:
         self.stop()
 
     def env(self, **overrides: str) -> dict[str, str]:
-        return dict(os.environ, SMOOTHCERT_REDIS_URL=self.redis_url, SMOOTHCERT_ADMIN_KEYS=ADMIN,
-                    SMOOTHCERT_API_KEYS=USER, SMOOTHCERT_HEARTBEAT_SECONDS="1",
-                    SMOOTHCERT_DEVICE=self.device, **self.extra_env, **overrides)
+        """The processes' environment: the stack's defaults, then `env` given at start (which
+        may replace them, the API keys say), then `overrides`."""
+        return {**os.environ, "SMOOTHCERT_REDIS_URL": self.redis_url, "SMOOTHCERT_ADMIN_KEYS": ADMIN,
+                "SMOOTHCERT_API_KEYS": USER, "SMOOTHCERT_HEARTBEAT_SECONDS": "1", "SMOOTHCERT_DEVICE": self.device,
+                **self.extra_env, **overrides}
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(self.logs / f"{name}.log", "ab"),
@@ -79,8 +84,8 @@ class Stack:
         if binary is None:
             raise SystemExit("redis-server is not on the PATH (apt-get install redis-server)")
         (self.logs / "redis").mkdir(parents=True, exist_ok=True)
-        self.spawn("redis", redis_command(binary, self.redis_port, self.logs / "redis", "127.0.0.1", "--save", ""),
-                   dict(os.environ))
+        self.spawn("redis", redis_command(binary, self.redis_port, self.logs / "redis", "127.0.0.1", "--save", "",
+                                          *self.redis_args), dict(os.environ))
         store = self.store()
         deadline = time.monotonic() + 30
         while not store.ping():

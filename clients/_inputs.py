@@ -1,6 +1,6 @@
 """Turning what a user holds (a path, bytes, an array, a list, a bundle folder) into request parts.
 
-`encode_input` gives the `input` object of DESIGN.md: `{"image_b64"}` for PNG/JPEG,
+`encode_input` gives the `input` object of docs/api.md: `{"image_b64"}` for PNG/JPEG,
 `{"npy_b64"}` for .npy bytes and arrays, `{"tensor"}` for nested lists. It never decodes
 pixels or checks shapes: the server owns validation, so the client cannot drift from it.
 numpy and PIL are imported only when an array or a PIL image is given.

@@ -1,4 +1,4 @@
-"""Typed, frozen views of the server's JSON (DESIGN.md "HTTP API").
+"""Typed, frozen views of the server's JSON (docs/api.md).
 
 Parsing is lenient so that a newer server never breaks an older client: unknown keys are
 kept in `extra` (or `raw`), missing keys read as None, and a field of an unexpected shape
@@ -69,12 +69,21 @@ class Progress:
 
 @dataclass(frozen=True)
 class MemoryInfo:
-    """What the certificate memory did: outcome is new, inside or shrunk."""
+    """What the certificate memory did: outcome is new, inside or shrunk. `root` and
+    `root_job` name the entry whose own sampling produced the ball (the result's σ, n, α
+    and bounds are that entry's); `entry` is the one this job committed (None: answered from
+    the memory without sampling)."""
 
     used: bool | None = None
     outcome: str | None = None
+    namespace: str | None = None
     entry: Any = None
+    conflict: Any = None
+    root: Any = None
+    root_job: str | None = None
+    prediction_before: int | None = None
     radius_before: float | None = None
+    sigma_before: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -125,6 +134,9 @@ class CertificateResult:
     target_radius: float | None = None  # sequential: the radius at which sampling stops
     look_alpha: float | None = None  # sequential: the level (a share of alpha) of the look whose bound is given
     memory: MemoryInfo | None = None
+    guarantee: dict[str, str] | None = None  # {"scope", "statement"}: what the certificate promises, in words
+    seed: int | None = None
+    seed_source: str | None = None  # "server" (drawn by the service) or "caller" (a caller's seed guarantees nothing)
     model: ModelRef | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -245,13 +257,23 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ModelMemory:
-    """A model's certificate memory: `size` and `entries` as the server reports them."""
+    """A model's certificate memories as the server reports them: `size` entries in all,
+    `namespaces` one per numeric mode, device type and α (dicts), and the rules of a commit
+    (`levels`, `min_n`, `quota_per_key`, `your_commits`)."""
 
     size: int | None = None
     entries: Any = None
+    capacity: int | None = None
+    levels: tuple[float, ...] | None = None
+    min_n: int | None = None
+    quota_per_key: int | None = None
+    your_commits: int | None = None
+    namespaces: tuple[dict[str, Any], ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: Any) -> ModelMemory:
         known, extra = _split(cls, data if isinstance(data, Mapping) else {})
+        for key in ("levels", "namespaces"):
+            known[key] = _tuple(known.get(key))
         return cls(**known, extra=extra)

@@ -5,7 +5,8 @@ their own. Each command sets `run` (args → exit status) and reports its own er
 `smoothcert: <message>` on stderr. Exit status: 0 done; 1 the server refused, could not be
 reached, or the waited-for job failed, was cancelled or timed out; 2 usage errors and local
 inputs the client cannot send. The server URL comes from --server, $SMOOTHCERT_URL, or
-http://127.0.0.1:8000; the API key from --api-key or $SMOOTHCERT_API_KEY.
+http://127.0.0.1:8000; the API key from --api-key or $SMOOTHCERT_API_KEY. Certificates and
+job statuses are printed as JSON, each float exactly as the server sent it (never rounded).
 """
 
 from __future__ import annotations
@@ -187,6 +188,8 @@ def _check_ended(status: JobStatus) -> None:
 
 
 def _print_json(value: Any) -> None:
+    # json.dumps writes each float as its shortest round-trip text: a radius or bound is printed
+    # exactly as the server certified it, never rounded (up) to fewer digits.
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 

@@ -3,11 +3,14 @@ times, while concurrent clients submit certifications and poll them.
 
 The real stack (redis-server, Celery workers in the threads pool, uvicorn) serves clients
 that submit certifications of the demo model and of the exact "tiny" model, memory on and
-off, and poll them to their ends. At thresholds of accepted jobs the scenario stops Redis
-(SIGTERM; `--stop kill`: SIGKILL, with `appendfsync always` so that no acknowledged write may
-be lost), keeps it away `--down-seconds` while a probe keeps asking the API, and starts it
-again on the same port (the append-only file reloads). It proves, from HTTP answers and
-Redis state:
+off (no seed: with the memory on the service draws it; α the default 0.001, one of the
+memory's levels, and n = `--n` ≥ 1000, the memory's default minimum: the stack runs with the
+service's default memory rules), and poll them to their ends. At thresholds of accepted jobs
+the scenario stops Redis (SIGTERM; `--stop kill`: SIGKILL; the stack's Redis, as every
+smoothcert Redis, runs with `appendfsync always`, so no acknowledged write may be lost either
+way), keeps it away `--down-seconds` while a probe keeps asking the API, and starts it again
+on the same port (the append-only file reloads). It proves, from HTTP answers and Redis
+state:
 - while Redis is away every answer is /v2/health/live's 200 or a 503 with the JSON error
   body and a message naming Redis or the broker (readiness included); never a 500, a stack
   trace or a request hanging past `--answer-bound` seconds, at any time;
@@ -45,13 +48,14 @@ from reliability.memory_log import read_log
 from reliability.report import Report, common_arguments, main, run_scenario
 from service.store import TERMINAL, Store
 from service.up import worker_command
-from smoothcert.results import DEFAULT_NUMERIC_MODE
+from smoothcert.results import DEFAULT_NUMERIC_MODE, memory_namespace
 from tests.workers.helpers import make_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 POLL_WAIT = 1.0  # seconds a poll may long-wait for its job
 CLEAR_CODES = {"unavailable", "enqueue_failed", "not_ready"}
+ALPHA = 0.001  # the API's default α, which every job here has: one of the memory's default levels
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=3, help="times Redis is stopped and started")
     p.add_argument("--down-seconds", type=float, default=8.0, help="how long Redis stays away each time")
     p.add_argument("--stop", choices=("term", "kill"), default="term",
-                   help="SIGTERM, or SIGKILL (then appendfsync always: no acknowledged write may be lost)")
+                   help="SIGTERM, or SIGKILL (appendfsync always, as always: no acknowledged write may be lost)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients")
     p.add_argument("--open-per-client", type=int, default=3, help="jobs a client keeps open at once")
     p.add_argument("--workers", type=int, default=2, help="Celery workers (threads pool)")
@@ -250,8 +254,10 @@ def all_jobs(store: Store) -> dict[str, object]:
     return {i: j for i in ids if (j := store.get_job(i)) is not None}
 
 
-def namespaces(store: Store) -> dict[str, str]:
-    return {name: f"{store.get_model(name).digest}/{DEFAULT_NUMERIC_MODE}" for name in ("digits", "tiny")}
+def namespaces(store: Store, device: str) -> dict[str, str]:
+    """The memory of each model at the API's default α (the jobs give none)."""
+    return {name: memory_namespace(store.get_model(name).digest, DEFAULT_NUMERIC_MODE, device, ALPHA)
+            for name in ("digits", "tiny")}
 
 
 def wait_until(predicate, seconds: float, step: float = 0.1) -> float | None:
@@ -282,8 +288,6 @@ def _body(args: argparse.Namespace, report: Report, logs: Path) -> None:
         env["SMOOTHCERT_REDIS_RETRY_SECONDS"] = str(args.worker_retry_seconds)
     with Stack(logs, env=env) as stack:
         store = stack.store()
-        if args.stop == "kill":
-            store.r.config_set("appendfsync", "always")
         digest, spec, zipped = make_bundle(logs / "tiny-bundle")
         store.put_model("tiny", digest, spec, zipped)
         names = [f"w{i}" for i in range(args.workers)]
@@ -291,7 +295,7 @@ def _body(args: argparse.Namespace, report: Report, logs: Path) -> None:
             stack.worker(name, worker_command(f"{name}@%h"))
         url = stack.api(workers=args.api_workers)
         load = Load(args, url, "tiny")
-        spaces = namespaces(store)
+        spaces = namespaces(store, stack.device)
         outages: list[Outage] = []
         prefix_ok: list[str] = []
         ready_after: list[float | None] = []
@@ -322,8 +326,6 @@ def _body(args: argparse.Namespace, report: Report, logs: Path) -> None:
                 stack.start_redis()
                 back, back_wall = time.monotonic(), time.time()
                 store = stack.store()
-                if args.stop == "kill":
-                    store.r.config_set("appendfsync", "always")
                 outage = Outage(stopped, restarting, back, back_wall, running,
                                 {name: len(v) for name, v in before.items()})
                 outages.append(outage)
@@ -409,7 +411,7 @@ def _check(args, report: Report, stack: Stack, store: Store, load: Load, outages
         entries = log.entries
         sizes[name] = len(entries)
         by_job = Counter(log.job_ids)
-        problems += [f"{name}: {p}" for p in log.index_problems()]
+        problems += [f"{name}: {p}" for p in log.index_problems() + log.root_problems()]
         violations[name] = log.violations()
         digest = ns.split("/")[0]
         for j, rec in records.items():

@@ -9,8 +9,13 @@ stack), and two uploaded through `POST /v1/models` with the admin key: the exact
 3×8×8, 10 classes). `--clients` asyncio clients (the SDK's `AsyncClient`, one connection
 each) submit `--jobs` jobs drawn from a seeded mix and wait for each (long-poll): predictions;
 certifications with a fixed σ, memory off and on, and with a σ search (ddrs, insta), memory
-on and off; bounds cohen and two_sided, fixed and adaptive sampling; small n (`--n`), so
-the run is about the service, not the sampling; seeded, so a run can be repeated. Inputs are
+on and off; bounds cohen and two_sided, fixed and adaptive sampling, at the default α
+(0.001, one of the memory's levels); small n (`--n`), so the run is about the service, not
+the sampling. The workload is seeded, so a run can be repeated; each job's noise seed is the
+client's where the memory is off, and drawn by the service where it is on (the memory's
+rule: docs/api.md). With the memory on the service takes n ≥ SMOOTHCERT_MEMORY_MIN_N (1000
+by default); this scenario's stack runs with SMOOTHCERT_MEMORY_MIN_N = the smallest `--n`
+(200), a lax setting of this test that keeps its jobs short, never a service default. Inputs are
 new (digits test images and blends of two digits of different classes, tiny points near its
 boundary, random rgb images) or (`--revisit`) near duplicates and small perturbations of
 earlier ones, so that the memory answers from committed balls ("inside") and shrinks
@@ -23,12 +28,17 @@ Checks (from HTTP answers and the Redis state, never from what the clients inten
   (a job that never ends, or ends otherwise, is lost); Redis holds exactly the accepted jobs
   and none is still open;
 - every process of the stack (Redis, workers, API) is still the one started;
-- every memory namespace (f"{digest}/{numeric_mode}") in Redis: zero invariant violations
-  (`smoothcert.memory.invariant_violations` over the decoded log), one entry per job id, the
-  job index agrees with the log, the entries are exactly the succeeded certifications that
-  used the memory and were not answered from a committed ball (one each), each such job's
-  answer is its entry (class, radius, index, input), and each job answered from a ball lies
-  inside that ball with its class and radius R_j − ‖x − x_j‖;
+- every memory namespace in Redis (f"{digest}/{numeric_mode}/{device_type}/{alpha}",
+  smoothcert.results.memory_namespace; each listed in its model's namespace set): zero
+  invariant violations (`smoothcert.memory.invariant_violations` over the decoded log), one
+  entry per job id, the job index agrees with the log, the entries are exactly the succeeded
+  certifications that used the memory and were not answered from a committed ball (one
+  each), each such job's answer is its entry (class, radius, index, input), and each job
+  answered from a ball lies inside that ball with its class and radius R_j − ‖x − x_j‖;
+- provenance (docs/memory.md): every entry's record names its root, the "new" or "shrunk"
+  entry whose own sampling produced the ball ("inside" entries: their conflict's root, with
+  its sampling), and every answer that used the memory names that root and its job and
+  reports the root's σ, bound, n0, n, α and bounds;
 - the memory was exercised: both "inside" and "shrunk" outcomes occurred;
 - flat worker memory: after warm-up (the first half of the jobs), a least-squares line of
   RSS against jobs finished grows by less than `--max-growth-mib` MiB per 1,000 jobs, for
@@ -44,7 +54,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -62,10 +71,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.stack import ADMIN, USER, Stack
 from clients import APIConnectionError, AsyncClient, Client, InternalServerError, JobTimeout, RateLimitError
-from reliability.memory_log import MemoryLog, read_log
+from reliability.memory_log import ROOT_OUTCOMES, MemoryLog, logged_namespaces, read_log
 from reliability.report import Report, main, run_scenario, scenario_parser
 from service.store import TERMINAL, Store
 from service.up import worker_command
+from smoothcert.results import parse_namespace
 
 MIB = 2**20
 
@@ -73,7 +83,7 @@ MIB = 2**20
 
 
 def tiny_bundle() -> tuple[str, bytes]:
-    """The exact linear model of ALGORITHMS.md §8 (tests/workers/helpers.py): (digest, zip)."""
+    """The exact linear model of docs/algorithms.md §8 (tests/workers/helpers.py): (digest, zip)."""
     from tests.workers.helpers import make_bundle
 
     with tempfile.TemporaryDirectory() as folder:
@@ -106,9 +116,12 @@ def upload(url: str, bundle: bytes) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_stack(logs: Path, workers: int, **worker_env: str) -> Iterator[tuple[Stack, str]]:
-    """Redis, `workers` Celery workers and uvicorn (default process count); (stack, url)."""
-    with Stack(logs, device="cpu") as stack:
+def running_stack(logs: Path, workers: int, env: dict[str, str] | None = None,
+                  **worker_env: str) -> Iterator[tuple[Stack, str]]:
+    """Redis, `workers` Celery workers and uvicorn (default process count); (stack, url).
+    `env` goes to every process (the API's and the workers' settings), `worker_env` to the
+    workers only."""
+    with Stack(logs, device="cpu", env=env) as stack:
         for i in range(workers):
             name = f"rel{i}@%h"
             stack.worker(f"worker{i}", worker_command(name), OMP_NUM_THREADS="1", **worker_env)
@@ -253,26 +266,46 @@ def check_jobs(report: Report, store: Store, outcomes: list[Outcome], total: int
                  f"{keys} job records for {len(ids)} accepted jobs; open jobs: {open_jobs}")
 
 
-def namespaces(store: Store) -> list[str]:
-    """Every memory namespace with a log in Redis."""
-    pattern = re.compile(rf"^{re.escape(store.p)}:mem:\{{(.*)\}}:log$")
-    found = []
-    for key in store.r.scan_iter(match=f"{store.p}:mem:*:log", count=1000):
-        m = pattern.match(key.decode())
-        if m:
-            found.append(m.group(1))
-    return sorted(found)
+def check_seeds(report: Report, outcomes: list[Outcome]) -> None:
+    """Who chose each succeeded job's noise: the client where it sent a seed (the result shows
+    that seed, seed_source "caller"), else the service ("server"), as every memory job must."""
+    wrong = []
+    for o in outcomes:
+        if o.status != "succeeded":
+            continue
+        sent = o.spec.options.get("seed")
+        source, seed = o.result.get("seed_source"), o.result.get("seed")
+        expected = source == "caller" and seed == sent if sent is not None else source == "server" and seed is not None
+        if not expected:
+            wrong.append(f"job {o.job_id} (seed sent {sent}): seed_source {source}, seed {seed}")
+    memory_seeds = sum(1 for o in outcomes if o.spec.options.get("memory") and "seed" in o.spec.options)
+    report.check(not wrong and not memory_seeds, "seeds: the caller's with the memory off, the service's with it on",
+                 f"{sum(o.status == 'succeeded' for o in outcomes)} succeeded jobs, {len(wrong)} with another seed "
+                 f"source; memory jobs sent with a seed: {memory_seeds}" + (f"; first: {wrong[0]}" if wrong else ""))
+
+
+def memory_namespace_of(o: Outcome) -> str | None:
+    """The memory a certification's result names (None: the memory was off)."""
+    m = o.result.get("memory") or {}
+    return m.get("namespace") if m.get("used") else None
 
 
 def check_memory(report: Report, store: Store, outcomes: list[Outcome]) -> dict[str, Any]:
     """The memory checks of every namespace in Redis (see the module docstring); returns the
     figures (entries and outcomes per namespace)."""
     by_id = {o.job_id: o for o in outcomes if o.job_id}
-    names = {f"{o.result['model']['digest']}/{o.result['numeric_mode']}": o.spec.model
-             for o in by_id.values() if o.result.get("model") and o.result.get("numeric_mode")}
+    names = {memory_namespace_of(o): o.spec.model for o in by_id.values() if memory_namespace_of(o)}
     figures: dict[str, Any] = {}
-    for ns in namespaces(store):
+    logged = logged_namespaces(store)
+    unnamed = [o.job_id for o in by_id.values() if o.status == "succeeded" and o.spec.kind == "certification"
+               and (o.result.get("memory") or {}).get("used") and memory_namespace_of(o) not in logged]
+    report.check(not unnamed, "every memory result names a memory in Redis",
+                 f"{len(logged)} memories in Redis; results naming none of them: {len(unnamed)}"
+                 + (f" (first: job {unnamed[0]})" if unnamed else ""))
+    for ns in logged:
         label = f"memory of {names.get(ns, '?')} ({ns})"
+        listed = store.memory_namespaces(parse_namespace(ns)[0])
+        report.check(ns in listed, f"{label}: listed in its model's namespaces", f"the model's namespaces: {listed}")
         log = read_log(store, ns)
         n, ids = len(log.entries), log.job_ids
         violations = log.violations()
@@ -283,8 +316,7 @@ def check_memory(report: Report, store: Store, outcomes: list[Outcome]) -> dict[
                      f"{n} entries, {len(set(ids))} distinct job ids, job index of {len(log.index)} "
                      + ("agrees with the log" if not problems else "; ".join(problems[:3])))
         used = [o for o in by_id.values() if o.status == "succeeded" and o.spec.kind == "certification"
-                and o.result.get("memory", {}).get("used")
-                and f"{o.result['model']['digest']}/{o.result['numeric_mode']}" == ns]
+                and memory_namespace_of(o) == ns]
         # A job whose input lay in a committed ball is answered from it and commits nothing
         # (memory.entry is None); every other job that used the memory commits one entry.
         committed = {o.job_id for o in used if o.result["memory"].get("entry") is not None}
@@ -314,9 +346,20 @@ def check_memory(report: Report, store: Store, outcomes: list[Outcome]) -> dict[
         report.check(not mismatched, f"{label}: each answer is its job's entry",
                      f"{n - len(mismatched)}/{n} entries match their job's answer (class, radius, index, "
                      f"input)" + (f"; first mismatch: job {mismatched[0]}" if mismatched else ""))
+        chain = log.root_problems()
+        report.check(not chain, f"{label}: every entry names its root",
+                     f"{n} entries, {sum(e.outcome in ROOT_OUTCOMES for e in log.entries)} of them roots "
+                     "(their own sampling); every inside entry carries its conflict's root and that root's "
+                     "sampling" if not chain else f"{len(chain)} problems: {chain[:3]}")
+        unrooted = [(o.job_id, p) for o in used if (p := log.answer_root_problem(o.result)) is not None]
+        report.check(not unrooted, f"{label}: every answer names its root and reports the root's sampling",
+                     f"{len(used) - len(unrooted)}/{len(used)} results name the root entry and job of the ball "
+                     "they come from, and its σ, bound, n0, n, α and bounds"
+                     + (f"; first: job {unrooted[0][0]} {unrooted[0][1]}" if unrooted else ""))
         outcomes_seen = Counter(by_id[j].result["memory"].get("outcome") for j in ids if j in by_id)
         figures[ns] = {"model": names.get(ns), "entries": n, "invariant_violations": violations,
-                       "committed_outcomes": dict(outcomes_seen), "answered_from_a_ball": len(answered)}
+                       "committed_outcomes": dict(outcomes_seen), "answered_from_a_ball": len(answered),
+                       "roots": sum(e.outcome in ROOT_OUTCOMES for e in log.entries)}
     # Commits that lost the compare-and-set to another job and re-applied the rule: the
     # memory was written concurrently, not one job at a time.
     counters = store.metrics()["counters"]
@@ -488,8 +531,10 @@ def soak_specs(args: argparse.Namespace) -> list[Spec]:
         memory = bool(rng.random() < (0.4 if sigma_mode == "fixed" else 0.75))
         bound = str(rng.choice(["cohen", "two_sided"]))
         sampling = "adaptive" if rng.random() < 0.2 else "fixed"
-        options: dict[str, Any] = {"n0": args.n0, "n": n, "bound": bound, "memory": memory, "sampling": sampling,
-                                   "seed": int(rng.integers(2**62))}
+        options: dict[str, Any] = {"n0": args.n0, "n": n, "bound": bound, "memory": memory, "sampling": sampling}
+        seed = int(rng.integers(2**62))  # drawn either way, so the workload is the same sequence
+        if not memory:  # with the memory on the service draws the seed (a caller's is refused)
+            options["seed"] = seed
         if sigma_mode != "fixed":
             options["sigma_search"] = searches[sigma_mode]
         specs.append(Spec("certification", model, x, options,
@@ -498,10 +543,16 @@ def soak_specs(args: argparse.Namespace) -> list[Spec]:
     return specs
 
 
+def lax_memory_env(args: argparse.Namespace) -> dict[str, str]:
+    """This test's lax minimum n for the memory (the smallest `--n`), never a default."""
+    return {"SMOOTHCERT_MEMORY_MIN_N": str(min(args.n))}
+
+
 def soak(report: Report, logs: Path, args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.deadline
     specs = soak_specs(args)
-    with running_stack(logs, args.workers) as (stack, url):
+    report.figures["stack_env"] = env = lax_memory_env(args)
+    with running_stack(logs, args.workers, env=env) as (stack, url):
         models = {m["name"]: m for m in (upload(url, tiny_bundle()[1]),
                                           upload(url, linear_bundle("rgb-linear", (3, 8, 8), 10, args.seed)))}
         report.figures["models_uploaded"] = models
@@ -530,6 +581,7 @@ def soak(report: Report, logs: Path, args: argparse.Namespace) -> None:
         store = stack.store()
         try:
             check_jobs(report, store, outcomes, len(specs))
+            check_seeds(report, outcomes)
             report.figures["memory"] = check_memory(report, store, outcomes)
         finally:
             store.r.close()

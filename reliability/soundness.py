@@ -2,7 +2,7 @@
 stack to concurrent clients, exceed the exact robust radius no more often than α allows, in
 every bound mode, with the memory on and off; the memory keeps its invariant.
 
-How. The exact model of ALGORITHMS.md §8 (tests/workers/helpers.py::make_bundle: class 1
+How. The exact model of docs/algorithms.md §8 (tests/workers/helpers.py::make_bundle: class 1
 iff mean pixel > 0.5, input 1×4×4, exact robust radius of x = 4·|mean(x) − 0.5|) and its
 DRS twin "tiny-drs" (`drs_bundle`: the same rule on each checkerboard half; the same exact
 radius) are uploaded through `POST /v1/models` with the admin key; `--workers` Celery
@@ -12,7 +12,14 @@ every bound the API accepts) × memory (off, on); within a cell, fixed or adapti
 and a fixed σ or a σ search (ddrs, insta; not for DRS, which the API refuses) are drawn per
 job. α is large
 (`--alpha`, 0.1) and n small (`--n`, 100) so that violations are frequent enough for the
-test to have power. Inputs are fresh points at chosen exact distances (`--distances`, either
+test to have power. By default the service refuses both (α ≤ 0.05 for every request; with the
+memory on, α one of 0.001, 0.01, 0.05 and n ≥ 1000: docs/api.md), so this scenario's stack
+runs with SMOOTHCERT_MAX_ALPHA = SMOOTHCERT_MEMORY_ALPHAS = `--alpha` and
+SMOOTHCERT_MEMORY_MIN_N = `--memory-min-n` (half of `--n` unless given, so that adaptive
+sampling still chooses among several sizes with the memory on): lax settings of this test,
+never a service default. Memory-off jobs carry their own seed (drawn from `--seed`);
+memory-on jobs carry none, as the memory requires: the service draws it. Inputs are fresh
+points at chosen exact distances (`--distances`, either
 side of the boundary), where the certificates are tight (the radius is a large fraction of
 the exact distance, so an unsound bound shows), or (`--revisit`) close neighbours of earlier
 inputs, so that the memory answers from committed balls ("inside") and shrinks certificates
@@ -23,17 +30,23 @@ whose class is wrong. Checks:
 - each cell and all together: violations / certifications is not significantly above α
   (one-sided binomial test at 1e-3, tests/smoothcert/exact.py::rate_is_too_high; a sound
   procedure fails it with probability < 0.001);
-- the test can fail: from the same results, each fresh certificate's estimation counts are
-  recovered from its bounds (inverting the Clopper–Pearson bound exactly: nA from pA_low,
-  each half's from p_a_lower_halves) and the radius of an unsound variant recomputed: the
-  plug-in σ·Φ⁻¹(nA/n) (DRS: σ/√2·(Φ⁻¹(nA_l/n) + Φ⁻¹(nA_r/n))) instead of the lower bounds.
-  The same test, over the fresh certificates, must flag it in every cell and overall (the
-  bound at 3α is reported beside it);
-- the memory: zero invariant violations, one entry per committed job, each answer its entry
-  (reliability/soak.py::check_memory); every memory answer ("inside") above its exact
-  distance or of the wrong class lies in a committed ball that is itself unsound (which the
-  triangle inequality makes necessary: sound balls only give sound answers), and the
-  number of unsound committed balls is itself consistent with α (per model);
+- each fresh certificate's estimation counts, as its result reports them (`n_a`; DRS:
+  `n_a_halves`), reproduce its bounds exactly (p_a_lower, p_b_upper, p_a_lower_halves, from
+  smoothcert.bounds at its α with its `noise_tail`) and its radius (from `noise_sigma`; a
+  "shrunk" radius is at most that);
+- the test can fail: from the same counts the radius of an unsound variant is recomputed:
+  the plug-in σ'·Φ⁻¹(nA/n) (DRS: σ'/√2·(Φ⁻¹(nA_l/n) + Φ⁻¹(nA_r/n))), σ' the noise σ, instead
+  of the lower bounds. The same test, over the fresh certificates, must flag it in every cell
+  and overall (the bound at 3α is reported beside it);
+- the memory: one memory per model, at `--alpha` (its namespace digest/fp32/cpu/α); zero
+  invariant violations, one entry per committed job, each answer its entry, every entry and
+  every answer naming its root (the "new" or "shrunk" entry whose own sampling produced the
+  ball) and reporting the root's sampling (reliability/soak.py::check_memory); every memory
+  answer ("inside") above its exact distance or of the wrong class comes from a committed ball
+  that is itself unsound, and so is that ball's root (which the triangle inequality makes
+  necessary: sound balls only give sound answers, and an inside ball lies in its root's), and
+  the number of unsound roots is itself consistent with α (per model: each root is one
+  sampling at level α);
 - every job accepted and succeeded, none lost.
 
     python reliability/soundness.py                 # full size: 6,000 certifications
@@ -55,7 +68,7 @@ from scipy.stats import binomtest, norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reliability.memory_log import MemoryLog, read_log
+from reliability.memory_log import ROOT_OUTCOMES, MemoryLog, read_log
 from reliability.report import Report, main, run_scenario, scenario_parser
 from reliability.soak import (
     Driver,
@@ -64,6 +77,7 @@ from reliability.soak import (
     check_jobs,
     check_memory,
     check_processes,
+    check_seeds,
     memory_outcomes,
     near,
     running_stack,
@@ -71,6 +85,7 @@ from reliability.soak import (
     upload,
 )
 from smoothcert import bounds
+from smoothcert.results import memory_namespace
 from tests.smoothcert.exact import rate_is_too_high
 
 SHAPE = (1, 4, 4)
@@ -95,7 +110,8 @@ def specs_for(args: argparse.Namespace) -> list[Spec]:
     """`--jobs` certifications, evenly over bound × memory, in a seeded order. An input is a
     fresh point at one of `--distances` (a random side), or, with probability `--revisit`, a
     neighbour (`soak.near`: within `--spread`, a near duplicate, or the same) of an earlier
-    input of the same memory setting. Each job has its own seed, drawn from `--seed`."""
+    input of the same memory setting. Each memory-off job has its own seed, drawn from
+    `--seed`; memory-on jobs have none (the service draws it)."""
     rng = np.random.default_rng(args.seed)
     order = [(BOUNDS[i % 3], bool((i // 3) % 2)) for i in range(args.jobs)]
     rng.shuffle(order)
@@ -117,7 +133,10 @@ def specs_for(args: argparse.Namespace) -> list[Spec]:
         sigma_mode = "fixed" if bound == "drs" else str(rng.choice(SIGMA_MODES, p=[0.5, 0.25, 0.25]))
         sampling = "adaptive" if rng.random() < args.adaptive else "fixed"
         options: dict[str, Any] = {"n0": args.n0, "n": args.n, "alpha": args.alpha, "bound": bound,
-                                   "memory": memory, "sampling": sampling, "seed": int(rng.integers(2**62))}
+                                   "memory": memory, "sampling": sampling}
+        seed = int(rng.integers(2**62))  # drawn either way, so the workload is the same sequence
+        if not memory:
+            options["seed"] = seed
         if sigma_mode == "fixed":
             options["sigma"] = args.sigma
         else:
@@ -136,36 +155,41 @@ def violates(x: np.ndarray, prediction: int | None, radius: float | None) -> boo
     return prediction != truth or float(radius or 0.0) > distance
 
 
-def invert_cp_lower(p: float, n: int, level: float) -> int | None:
-    """The k whose Clopper–Pearson lower bound at `level` is exactly p; None if none is."""
-    lo, hi = 0, n
-    while lo < hi:  # smallest k with cp_lower(k) ≥ p: cp_lower rises with k
-        mid = (lo + hi) // 2
-        if bounds.cp_lower(mid, n, level) < p:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo if abs(bounds.cp_lower(lo, n, level) - p) <= 1e-12 else None
-
-
 def estimate_counts(result: dict[str, Any]) -> list[int] | None:
-    """The estimation counts of a fresh certificate, recovered from its bounds: [nA] from
-    pA_low (at α for cohen, α/2 for two_sided), or [nA_left, nA_right] from the halves'
-    pA_low (each at α/2) for drs; None if a bound matches no count."""
-    n, alpha = result.get("n"), result["alpha"]
-    if not n:
+    """The estimation counts of a fresh certificate, as its result reports them: [nA] (cohen,
+    two_sided) or [nA_left, nA_right] (drs); None if absent."""
+    counts = result.get("n_a_halves") if result["bound"] == "drs" else [result.get("n_a")]
+    if not result.get("n") or not counts or None in counts:
         return None
-    if result["bound"] == "drs":
-        halves = result.get("p_a_lower_halves")
-        if not halves:
-            return None
-        counts = [invert_cp_lower(p, n, alpha / 2) for p in halves]
+    return [int(k) for k in counts]
+
+
+def reproduce(result: dict[str, Any], counts: list[int]) -> str | None:
+    """None when the counts give exactly the result's bounds (smoothcert.bounds at its α, less
+    its noise tail) and its radius (from its noise σ; a "shrunk" radius: at most that), else
+    what differs. tiny has two classes, so the two-sided runner-up holds the other n − nA votes."""
+    n, alpha, bound, tail = result["n"], result["alpha"], result["bound"], result["noise_tail"]
+    sigma = result["noise_sigma"]
+    if bound == "drs":
+        halves = bounds.drs_bounds(counts[0], counts[1], n, alpha, tail)
+        got = {"p_a_lower_halves": list(halves)}
+        radius = bounds.drs_radius(sigma, *halves)
+    elif bound == "cohen":
+        p_low = bounds.cohen_bound(counts[0], n, alpha, tail)
+        got = {"p_a_lower": p_low}
+        radius = bounds.cohen_radius(sigma, p_low)
     else:
-        p = result.get("p_a_lower")
-        if p is None:
-            return None
-        counts = [invert_cp_lower(p, n, alpha if result["bound"] == "cohen" else alpha / 2)]
-    return None if None in counts else counts
+        p_low, p_up, _ = bounds.two_sided_bound([counts[0], n - counts[0]], 0, alpha, tail)
+        got = {"p_a_lower": p_low, "p_b_upper": p_up}
+        radius = bounds.two_sided_radius(sigma, p_low, p_up)
+    reported = {k: result.get(k) for k in got}
+    if reported != got:
+        return f"bounds {reported}, the counts {counts} of n = {n} give {got}"
+    shrunk = (result.get("memory") or {}).get("outcome") == "shrunk"
+    expected = 0.0 if radius is None else radius
+    if not (result["radius"] <= expected if shrunk else result["radius"] == expected):
+        return f"radius {result['radius']}, the bounds give {expected}"
+    return None
 
 
 def fresh(o: Outcome) -> bool:
@@ -175,20 +199,22 @@ def fresh(o: Outcome) -> bool:
 
 
 def variant_radius(result: dict[str, Any], counts: list[int], variant: str) -> float | None:
-    """The radius an unsound variant gives from the same counts (None: it abstains)."""
-    n, sigma, alpha, bound = result["n"], result["sigma"], result["alpha"], result["bound"]
+    """The radius an unsound variant gives from the same counts, with the certificate's noise
+    σ (None: it abstains); the 3α variant also takes off its noise tail."""
+    n, alpha, bound = result["n"], result["alpha"], result["bound"]
+    sigma, tail = result["noise_sigma"], result["noise_tail"]
     if variant == "plug-in":  # the estimates themselves in place of the lower bounds
         if bound == "drs":
             a_plus_b = sum(float(norm.ppf(k / n)) for k in counts)
             return sigma / math.sqrt(2) * a_plus_b if a_plus_b > 0 else None
         p = counts[0] / n
         return sigma * float(norm.ppf(p)) if p > 0.5 else None
-    # "3α": the same bound with three times the α (K = 2, so pB_up = 1 − pA_low at the split level)
+    # "3α": the same bound with three times the α (K = 2: the runner-up holds the other votes)
     if bound == "drs":
-        return bounds.drs_radius(sigma, *bounds.drs_bounds(counts[0], counts[1], n, 3 * alpha))
+        return bounds.drs_radius(sigma, *bounds.drs_bounds(counts[0], counts[1], n, 3 * alpha, tail))
     if bound == "cohen":
-        return bounds.cohen_radius(sigma, bounds.cohen_bound(counts[0], n, 3 * alpha))
-    p_low, p_up, _ = bounds.two_sided_bound([n - counts[0], counts[0]], 1, 3 * alpha)
+        return bounds.cohen_radius(sigma, bounds.cohen_bound(counts[0], n, 3 * alpha, tail))
+    p_low, p_up, _ = bounds.two_sided_bound([n - counts[0], counts[0]], 1, 3 * alpha, tail)
     return bounds.two_sided_radius(sigma, p_low, p_up)
 
 
@@ -203,7 +229,7 @@ def drs_bundle() -> bytes:
     """The exact model as a DRS bundle "tiny-drs": each checkerboard half (1×4×2) has the
     linear classifier [mean(half) > 0.5]. With signed half distances d_h = √8·(mean_h − 0.5),
     the DRS-smoothed classifier flips where d_l + d_r = 0, first reached by a perturbation of
-    norm (d_l + d_r)/√2 (ALGORITHMS.md §8) = 4·(mean(x) − 0.5): the same exact radius and
+    norm (d_l + d_r)/√2 (docs/algorithms.md §8) = 4·(mean(x) − 0.5): the same exact radius and
     class as "tiny"."""
     import tempfile
 
@@ -229,10 +255,21 @@ def drs_bundle() -> bytes:
         return zip_bundle(folder)
 
 
+def lax_memory_env(args: argparse.Namespace) -> dict[str, str]:
+    """This test's memory settings (see the module docstring), never a service default."""
+    return {"SMOOTHCERT_MAX_ALPHA": repr(args.alpha), "SMOOTHCERT_MEMORY_ALPHAS": repr(args.alpha),
+            "SMOOTHCERT_MEMORY_MIN_N": str(memory_min_n(args))}
+
+
+def memory_min_n(args: argparse.Namespace) -> int:
+    return args.memory_min_n if args.memory_min_n is not None else max(1, args.n // 2)
+
+
 def soundness(report: Report, logs: Path, args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.deadline
     specs = specs_for(args)
-    with running_stack(logs, args.workers) as (stack, url):
+    report.figures["stack_env"] = env = lax_memory_env(args)
+    with running_stack(logs, args.workers, env=env) as (stack, url):
         models = {m["name"]: m for m in (upload(url, tiny_bundle()[1]), upload(url, drs_bundle()))}
         report.figures["models"] = models
         print(f"stack up at {url}: {args.workers} worker(s); {len(specs)} certifications of "
@@ -246,8 +283,15 @@ def soundness(report: Report, logs: Path, args: argparse.Namespace) -> None:
         store = stack.store()
         try:
             check_jobs(report, store, outcomes, len(specs))
+            check_seeds(report, outcomes)
             report.figures["memory"] = check_memory(report, store, outcomes)
-            memory = {name: read_log(store, f"{m['digest']}/fp32") for name, m in models.items()}
+            memory = {}
+            for name, m in models.items():
+                wanted = memory_namespace(m["digest"], "fp32", "cpu", args.alpha)
+                found = store.memory_namespaces(m["digest"])
+                report.check(found == [wanted], f"memory of {name}: one, at alpha {args.alpha}",
+                             f"its namespaces {found}, expected [{wanted}]")
+                memory[name] = read_log(store, wanted)
         finally:
             store.r.close()
     done = [o for o in outcomes if o.status == "succeeded"]
@@ -267,19 +311,20 @@ def soundness_by_cell(report: Report, args: argparse.Namespace, done: list[Outco
         return f"{o.spec.tags['bound']}/memory {o.spec.tags['memory']}"
 
     variants = ("plug-in", "3α")
-    recovered = unrecovered = 0
+    reproduced, wrong = 0, []
     counts: dict[str, Counter] = {}
     for o in done:
         r = o.result
         flags = {"sound": violates(o.spec.x, r.get("prediction"), r.get("radius")), "fresh": fresh(o)}
-        # An abstention names no class (the variant's class is unknown): no variant violation.
-        if fresh(o) and r.get("prediction") is not None:
+        if fresh(o):
             estimates = estimate_counts(r)
-            if estimates is None:
-                unrecovered += 1
+            problem = "no estimation counts" if estimates is None else reproduce(r, estimates)
+            if problem is not None:
+                wrong.append(f"job {o.job_id}: {problem}")
             else:
-                recovered += 1
-                for v in variants:
+                reproduced += 1
+                # An abstention names no class (the variant's class is unknown): no variant violation.
+                for v in variants if r.get("prediction") is not None else ():
                     flags[v] = violates(o.spec.x, r["prediction"], variant_radius(r, estimates, v))
         for key in (cell(o), "all"):
             c = counts.setdefault(key, Counter())
@@ -287,8 +332,9 @@ def soundness_by_cell(report: Report, args: argparse.Namespace, done: list[Outco
             c["abstentions"] += r.get("prediction") is None
             for name, flagged in flags.items():
                 c[name] += bool(flagged)
-    report.check(unrecovered == 0, "estimation counts recovered from every fresh certificate",
-                 f"{recovered} recovered exactly, {unrecovered} not")
+    report.check(not wrong, "every fresh certificate's counts reproduce its bounds and radius",
+                 f"{reproduced} reproduced exactly (n_a / n_a_halves, at its alpha, noise tail and noise sigma), "
+                 f"{len(wrong)} not" + (f"; first: {wrong[0]}" if wrong else ""))
     table: dict[str, dict[str, Any]] = {}
     for key in sorted(counts, key=lambda k: (k == "all", k)):
         c = counts[key]
@@ -327,30 +373,34 @@ def soundness_by_cell(report: Report, args: argparse.Namespace, done: list[Outco
 
 def memory_soundness(report: Report, args: argparse.Namespace, done: list[Outcome],
                      memory: dict[str, MemoryLog]) -> None:
-    """Answers from committed balls are unsound only inside an unsound ball; the committed
-    balls themselves are unsound no more often than α allows."""
+    """Answers from committed balls are unsound only where the ball that answered and its root
+    are; the roots (one sampling each) are unsound no more often than α allows."""
     figures = {}
     for name, log in memory.items():
-        unsound_balls = [i for i, e in enumerate(log.entries) if e.prediction != -1
-                         and violates(log.points[i], e.prediction, e.radius)]
+        unsound = {i for i, e in enumerate(log.entries) if e.prediction != -1
+                   and violates(log.points[i], e.prediction, e.radius)}
+        roots = [i for i, e in enumerate(log.entries) if e.outcome in ROOT_OUTCOMES]
+        unsound_roots = [i for i in roots if i in unsound]
         answers = [o for o in done
                    if o.spec.model == name and (o.result.get("memory") or {}).get("outcome") == "inside"]
         bad = [o for o in answers if violates(o.spec.x, o.result.get("prediction"), o.result.get("radius"))]
         unexplained = []
         for o in bad:
-            x = o.spec.x.reshape(-1).astype(np.float64)
-            if not any(np.linalg.norm(x - log.points[i]) < log.entries[i].radius for i in unsound_balls):
+            j = int(o.result["memory"]["conflict"])  # the ball that answered (or decided "inside")
+            if j not in unsound or log.root_of(j) not in unsound:
                 unexplained.append(o.job_id)
-        balls = binomial(len(unsound_balls), len(log.entries), args.alpha)
-        figures[name] = {"entries": len(log.entries), "unsound_entries": len(unsound_balls),
-                         "inside_answers": len(answers), "inside_answers_above_exact": len(bad),
-                         "entries_binomial": balls}
-        report.check(not unexplained, f"memory of {name}: answers are sound unless their ball is",
+        balls = binomial(len(unsound_roots), len(roots), args.alpha)
+        figures[name] = {"entries": len(log.entries), "unsound_entries": len(unsound), "roots": len(roots),
+                         "unsound_roots": len(unsound_roots), "inside_answers": len(answers),
+                         "inside_answers_above_exact": len(bad), "roots_binomial": balls}
+        report.check(not unexplained, f"memory of {name}: answers are sound unless their ball and its root are",
                      f"{len(answers)} inside answers, {len(bad)} above the exact distance or of the wrong "
-                     f"class, {len(unexplained)} of them not inside an unsound committed ball")
-        report.check(len(log.entries) > 0 and not balls["too_high"], f"memory of {name}: committed balls "
-                     "are consistent with α", f"{len(unsound_balls)}/{len(log.entries)} entries unsound "
-                     f"(rate {balls['rate']}, p = {balls['p_value']})")
+                     f"class, {len(unexplained)} of them from a sound ball or a ball of a sound root"
+                     + (f" (first: job {unexplained[0]})" if unexplained else ""))
+        report.check(len(roots) > 0 and not balls["too_high"], f"memory of {name}: committed roots "
+                     "are consistent with α", f"{len(unsound_roots)}/{len(roots)} roots (new or shrunk entries) "
+                     f"unsound (rate {balls['rate']}, p = {balls['p_value']}); all entries: "
+                     f"{len(unsound)}/{len(log.entries)}")
     report.figures["memory_soundness"] = figures
 
 
@@ -362,6 +412,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.1, help="α of every certification")
     p.add_argument("--n0", type=int, default=20, help="selection samples")
     p.add_argument("--n", type=int, default=100, help="estimation samples (the maximum, adaptive)")
+    p.add_argument("--memory-min-n", type=int, default=None,
+                   help="the stack's SMOOTHCERT_MEMORY_MIN_N (default: half of --n)")
     p.add_argument("--sigma", type=float, default=0.25, help="the fixed σ")
     p.add_argument("--adaptive", type=float, default=0.3, help="fraction of jobs with adaptive sampling")
     p.add_argument("--distances", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.4],

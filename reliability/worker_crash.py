@@ -10,13 +10,19 @@ What it proves, from Redis state after the run (never from logs):
   job succeeded naming that entry, every succeeded memory job that committed has its entry,
   and jobs that did not commit (memory off, predictions, answers from memory) have none;
 - the memory invariant holds (no two balls of different classes intersect);
+- every entry names its root (docs/memory.md: the "new" or "shrunk" entry whose own sampling
+  produced the ball) and carries that root's sampling;
 - a job killed between its commit and its result, redelivered, returns exactly the committed
-  entry (class, radius, σ).
+  entry (class, radius, and its root's σ).
 
 How: a private stack (Redis, API, --workers threads-pool workers with a short visibility
 timeout so that a dead worker's jobs are redelivered quickly). A client submits a mix of
 certifications (memory on, mostly; memory off), predictions, on the exact "tiny" model and
-the demo model, through the SDK, paced so that jobs are in flight at every kill. Workers run
+the demo model, through the SDK, paced so that jobs are in flight at every kill. The jobs
+satisfy the memory's rules at the service's defaults, so the stack runs with them: α = 0.001
+(one of the memory's levels: the namespaces are digest/fp32/cpu/0.001), n ≥ 1000 (the
+smallest n here is 1000), and a seed only with the memory off (the service draws it
+otherwise). Workers run
 with the testing hook SMOOTHCERT_PAUSE_AFTER_COMMIT_SECONDS (workers/failpoints.py): a job
 that committed its memory entry holds still before writing its result, so a share of the
 kills is aimed at that window (a job observed with its entry and no end, on the worker that
@@ -52,7 +58,7 @@ from reliability.memory_log import read_log
 from reliability.report import Report, main, run_scenario, scenario_parser
 from service.store import TERMINAL, Store
 from service.up import worker_command
-from smoothcert.results import DEFAULT_NUMERIC_MODE
+from smoothcert.results import DEFAULT_NUMERIC_MODE, memory_namespace
 from tests.workers.helpers import make_bundle
 
 
@@ -95,6 +101,7 @@ class Kill:
 
 
 MODES = {"certification-memory": 0.7, "certification": 0.15, "prediction": 0.15}
+ALPHA = 0.001  # every certification's: one of the memory's default levels
 
 
 def make_requests(n: int, rng: np.random.Generator, demo_share: float) -> list[dict]:
@@ -107,14 +114,20 @@ def make_requests(n: int, rng: np.random.Generator, demo_share: float) -> list[d
         shape = (1, 8, 8) if demo else (1, 4, 4)
         if seen and rng.random() < 0.2 and seen[-1].shape == shape:
             x = seen[int(rng.integers(len(seen)))] if rng.random() < 0.5 else seen[-1]
+            if x.shape != shape:  # an earlier input of the other model: repeat the last one instead
+                x = seen[-1]
         else:
             x = np.clip(rng.uniform(0.1, 0.9) + rng.normal(0, 0.2, shape), 0, 1).astype(np.float32)
         if x.shape == shape:
             seen.append(x)
         n_samples = int(rng.choice([1000, 5000])) if demo else int(rng.choice([20_000, 100_000, 400_000, 1_000_000]))
-        options = {"n": n_samples, "seed": int(rng.integers(2**31))}
+        options = {"n": n_samples}
+        seed = int(rng.integers(2**31))  # drawn either way, so the workload is the same sequence
+        if mode != "certification-memory":  # with the memory on the service draws the seed
+            options["seed"] = seed
         if mode != "prediction":
             options["memory"] = mode == "certification-memory"
+            options["alpha"] = ALPHA
         out.append({"kind": "prediction" if mode == "prediction" else "certification",
                     "model": "digits" if demo else "tiny", "x": x, "options": options})
     return out
@@ -185,8 +198,9 @@ def body(args: argparse.Namespace, report: Report, logs: Path) -> None:
         with tempfile.TemporaryDirectory() as folder:
             tiny_digest, spec, bundle = make_bundle(Path(folder))
         store.put_model("tiny", tiny_digest, spec, bundle)
-        namespaces = {"tiny": f"{tiny_digest}/{DEFAULT_NUMERIC_MODE}",
-                      "digits": f"{store.get_model('digits').digest}/{DEFAULT_NUMERIC_MODE}"}
+        namespaces = {"tiny": memory_namespace(tiny_digest, DEFAULT_NUMERIC_MODE, stack.device, ALPHA),
+                      "digits": memory_namespace(store.get_model("digits").digest, DEFAULT_NUMERIC_MODE,
+                                                 stack.device, ALPHA)}
         generation = Counter()
 
         def start_worker(slot: int) -> str:
@@ -319,7 +333,7 @@ def verify(report: Report, store: Store, args, jobs: list[Job], kills: list[Kill
         log = read_log(store, ns)
         decoded = log.entries
         entries_total += len(decoded)
-        problems += [f"{model}: {p}" for p in log.index_problems()]
+        problems += [f"{model}: {p}" for p in log.index_problems() + log.root_problems()]
         for i, e in enumerate(decoded):
             committed[e.job_id] = (i, e)
             r = records.get(e.job_id)
@@ -327,7 +341,7 @@ def verify(report: Report, store: Store, args, jobs: list[Job], kills: list[Kill
                 problems.append(f"{model} entry {i}: its job {e.job_id} is "
                                 f"{None if r is None else (r.status, (r.result or {}).get('memory'))}")
             elif (r.result["prediction"], r.result["radius"], r.result["sigma"]) != (
-                    None if e.prediction < 0 else e.prediction, e.radius, e.sigma):
+                    None if e.prediction < 0 else e.prediction, e.radius, e.provenance.sigma):
                 problems.append(f"{model} entry {i}: job {e.job_id} answered a different certificate")
         violations += log.violations()
     for j in jobs:

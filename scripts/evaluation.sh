@@ -41,7 +41,7 @@ evaluate ddrs-search ddrs --sigma-search ddrs --memory
 evaluate insta-search insta --sigma-search insta --memory
 evaluate drs-0.25 drs-0.25 --sigma 0.25
 # The search alone, on the plain σ = 0.25 model (no data-dependent training); and DRS at σ is
-# compared with standard smoothing at √2·σ ≈ 0.35 (ALGORITHMS.md §5): cohen-0.35 above.
+# compared with standard smoothing at √2·σ ≈ 0.35 (docs/algorithms.md §5): cohen-0.35 above.
 evaluate ddrs-search-gaussian-0.25 gaussian-0.25 --sigma-search ddrs --memory
 
 .venv/bin/python scripts/evaluation_report.py "$OUT/runs"

@@ -1,5 +1,7 @@
 """The tables of EVALUATION.md, from the summary.json of each run in a folder (printed as
-Markdown), and their overlaid curves (docs/evaluation.png)."""
+Markdown), and their overlaid curves (docs/evaluation.png). Certified accuracies and the ACR
+are printed rounded down (smoothcert.rounding.floor_text), never up: a printed figure never
+claims more than the run certified."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from smoothcert.plotting import plot_runs  # noqa: E402
+from smoothcert.rounding import floor_text  # noqa: E402
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
 
@@ -34,8 +37,8 @@ def main(folder: str) -> None:
         search = s["samples"]["search_mean"]
         memory = s["memory"]["changed"] if s["memory"] else "–"
         print(f"| {run.name} | {method}, {p['bound']} | {p['n']:,} | "
-              + " | ".join(f"{accuracy_at(s, r):.3f}" for r in RADII)
-              + f" | {s['acr']:.3f} | {s['abstention_rate']:.3f} | {s['sigma']['mean']:.3f}"
+              + " | ".join(floor_text(accuracy_at(s, r), 3) for r in RADII)
+              + f" | {floor_text(s['acr'], 3)} | {s['abstention_rate']:.3f} | {s['sigma']['mean']:.3f}"
               + f" | {s['seconds']['mean']:.2f} | {'–' if search is None else f'{search:,.0f}'} | {memory} |")
     out = ROOT / "docs" / "evaluation.png"
     out.parent.mkdir(exist_ok=True)

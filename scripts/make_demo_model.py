@@ -6,7 +6,8 @@ Trains `digits_cnn` on the train split of scikit-learn's 8×8 digits with Gaussi
 augmentation at σ = 0.25, saves it as a state-dict bundle, writes one test-split image per
 class as `examples/digit-<class>.png`, and prints what the model achieves: clean and noisy
 accuracy of the base network on the test split, and the certified accuracy of the smoothed
-classifier on the first test images (Cohen's CERTIFY, seeded). Everything is seeded; on the
+classifier on the first test images (Cohen's CERTIFY, seeded; certified accuracies and radii
+printed rounded down, never up: smoothcert.rounding.floor_text). Everything is seeded; on the
 CPU with the same torch thread count a rerun writes the same weights. The numbers of the
 committed run are in `models/digits/README.md`.
 """
@@ -27,6 +28,7 @@ from smoothcert.bundle import ModelSpec, load_bundle, save_bundle
 from smoothcert.certifier import Certifier
 from smoothcert.data import load_digits_split
 from smoothcert.imageio import decode_image, encode_png
+from smoothcert.rounding import floor_text
 from smoothcert.training import accuracy, train_gaussian
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
           f"n0=100, n={args.n}, alpha={args.alpha}, seed=index), {certify_s:.1f} s; "
           f"{abstained} abstained")
     for r in RADII:
-        print(f"  certified accuracy at radius {r}: {np.mean(correct & (radius >= r)):.2f}")
+        print(f"  certified accuracy at radius {r}: {floor_text(float(np.mean(correct & (radius >= r))), 2)}")
 
     # One test image per class (the first of each), through an 8-bit PNG (values quantised).
     args.examples.mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_bytes(encode_png(x_test[i]))
         cert = certifier.certify(decode_image(path.read_bytes(), channels=1), n=500, seed=0)
         notes.append(f"{c}->{'abstain' if cert.prediction is None else cert.prediction}"
-                     f"@{cert.radius:.2f}")
+                     f"@{floor_text(cert.radius, 2)}")
     print(f"examples: {os.path.relpath(args.examples)}/digit-0..9.png (test indices of the first of each "
           f"class); certified at n=500, seed 0: {' '.join(notes)}")
     print(f"wall time {time.perf_counter() - started:.1f} s")

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_wait_seconds: Annotated[float, Field(gt=0, le=300)] = 30.0
     max_dataset_bytes: Positive = 64 * 2**20
     max_evaluation_examples: Positive = 10_000
+    # The laxest level a certificate may have: α above it is refused (near 1 a bound carries
+    # no information, and the memory would hand that on to every later caller).
+    max_alpha: Annotated[float, Field(gt=0, le=0.5, allow_inf_nan=False)] = 0.05
 
     # Per API key (one shared bucket when the API is open), kept in Redis so that every API
     # process counts together; 0 turns a limit off. Off by default: one deployment's fair
@@ -65,7 +68,21 @@ class Settings(BaseSettings):
 
     # Workers.
     device: str | None = None  # "cpu", "cuda"; None: CUDA when present
+
+    # The certificate memory (docs/memory.md). One memory per model digest, numeric mode, device
+    # type and α; with the memory on, α must be one of `memory_alphas` (a short list, so that
+    # memories do not splinter), n at least `memory_min_n` (an abstention committed for a few
+    # samples would shrink every later ball around it), and each API key commits at most
+    # `memory_quota_per_key` entries to one model's memories (so that no key fills the
+    # capacity for everyone). Memories are shared by every key: docs/guarantees.md §3 says why.
     memory_capacity: Positive = 1_000_000
+    memory_alphas: Annotated[list[float], NoDecode] = [0.001, 0.01, 0.05]
+    memory_min_n: Positive = 1000
+    memory_quota_per_key: Annotated[int, Field(ge=0)] = 100_000
+    # Workers refuse the memory unless Redis is durable (appendonly yes, appendfsync always,
+    # noeviction, a master): an acknowledged commit lost in a crash breaks consistency
+    # silently. False only where Redis is durable by means the check cannot see.
+    memory_durability_check: bool = True
     # Jobs running as threads of one worker (`--pool threads`) share one sampling thread that
     # merges their batches (smoothcert.batching); off: each job runs its own passes. None: on
     # for CUDA workers, off on CPUs, where merged passes measured slower than each job's own
@@ -81,12 +98,22 @@ class Settings(BaseSettings):
     # reliability scenario reliability/worker_crash.py can kill it inside that window.
     pause_after_commit_seconds: Annotated[float, Field(ge=0, le=60)] = 0.0
 
-    @field_validator("api_keys", "admin_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", "memory_alphas", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _memory_levels(self) -> Settings:
+        if not self.memory_alphas:
+            raise ValueError("memory_alphas must name at least one level")
+        for alpha in self.memory_alphas:
+            if not (math.isfinite(alpha) and 0 < alpha <= self.max_alpha):
+                raise ValueError(f"memory_alphas: {alpha} is not in (0, max_alpha = {self.max_alpha}]")
+        self.memory_alphas = sorted(set(self.memory_alphas))
+        return self
 
     @model_validator(mode="after")
     def _admins_are_keys(self) -> Settings:

@@ -1,7 +1,7 @@
 """Errors: one base class that carries its HTTP status, one body, one handler per source.
 
 Every error the API answers has the body `{"error": {"code": "...", "message": "..."}}`
-(DESIGN.md), whatever raised it: an `APIError` from our code, a request FastAPI could not
+(docs/api.md), whatever raised it: an `APIError` from our code, a request FastAPI could not
 validate, Starlette's HTTP errors (unknown route, body too large), the job store being down,
 or a bug (a generic 500 that reveals nothing; the traceback goes to the log).
 """

@@ -181,6 +181,16 @@ async def cancel(store: Store, caller: Caller, kind: JobKind, job_id: str) -> Jo
     return await find(store, caller, kind, job_id)
 
 
+def shown_request(job: JobRecord) -> dict[str, Any]:
+    """The request as a status shows it. A seed the service drew for the shared memory stays
+    hidden (None) until the job has succeeded, its entry committed: seen earlier, a caller
+    could replay it with the memory off and cancel the job unless the draw were lucky."""
+    request = job.request
+    hide = (job.kind == "certification" and request.get("memory") and request.get("seed_source") == "server"
+            and job.status != "succeeded")
+    return {**request, "seed": None} if hide else request
+
+
 def status(job: JobRecord) -> JobStatus:
     error = None
     if job.error is not None:
@@ -189,5 +199,5 @@ def status(job: JobRecord) -> JobStatus:
         id=job.id, kind=job.kind, status=job.status,
         progress=job.progress.model_dump() if job.progress else None,
         result=job.result, error=error, model={"name": job.model, "digest": job.digest},
-        request=job.request, created=job.created, started=job.started, finished=job.finished,
+        request=shown_request(job), created=job.created, started=job.started, finished=job.finished,
     )

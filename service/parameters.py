@@ -2,13 +2,20 @@
 the worker reads (and an auditor re-runs).
 
 The engine's own checks (`smoothcert.bounds`, `smoothcert.search`) decide what can never
-succeed, so the API refuses exactly what a worker would. A missing seed is drawn here and
-stored, so that a redelivered task and an audit derive the same samples.
+succeed, so the API refuses exactly what a worker would (feasibility is checked with the
+largest noise tail any worker device has: smoothcert.noise). A missing seed is drawn here
+from the operating system's CSPRNG and stored, so that a redelivered task and an audit derive
+the same samples; `seed_source` records who chose it.
+
+With the shared memory on, the rules that keep one caller's certificate from weakening
+another's (docs/guarantees.md §2, §3): α from `memory_alphas`, n at least `memory_min_n`, and
+no caller seed (a chosen seed can select a lucky draw that every later caller would inherit).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from typing import Any
 
@@ -25,6 +32,7 @@ from smoothcert.bounds import (
 )
 from smoothcert.manifest import BundleError, ModelSpec
 from smoothcert.modes import canonical_mode
+from smoothcert.noise import tail_mass
 from smoothcert.search import SigmaSearch
 from smoothcert.sequential import check_target
 
@@ -49,8 +57,40 @@ def _sigma(sigma: float | None, spec: ModelSpec) -> float:
     return float(sigma)
 
 
-def _seed(seed: int | None) -> int:
-    return secrets.randbits(63) if seed is None else seed
+def _seed(seed: int | None) -> tuple[int, str]:
+    """(seed, seed_source): the caller's, or 63 bits from the CSPRNG ("server")."""
+    return (secrets.randbits(63), "server") if seed is None else (seed, "caller")
+
+
+def _alpha(alpha: float, settings: Settings) -> None:
+    if alpha > settings.max_alpha:
+        raise InvalidRequest(f"alpha: {alpha} is above this service's limit of {settings.max_alpha} "
+                             "(SMOOTHCERT_MAX_ALPHA): near 1 a certificate carries no information")
+
+
+def worst_tail(spec: ModelSpec) -> float:
+    """The largest noise tail any worker device takes off this model's bounds (CPU float32)."""
+    numel = math.prod(spec.input_shape)
+    return tail_mass("cpu", "float32", numel // 2 if spec.kind == "drs" else numel, numel)
+
+
+def _shared_memory_rules(p: CertificationParams, settings: Settings) -> None:
+    """The shared memory takes only what cannot weaken another caller's answers."""
+    if p.alpha not in settings.memory_alphas:
+        raise InvalidRequest(
+            f"alpha: with the memory on, alpha must be one of {', '.join(map(repr, settings.memory_alphas))} "
+            "(SMOOTHCERT_MEMORY_ALPHAS), so that each memory holds certificates of one level; "
+            f"got {p.alpha!r}")
+    if p.n < settings.memory_min_n:
+        raise InvalidRequest(
+            f"n: with the memory on, n must be at least {settings.memory_min_n} (SMOOTHCERT_MEMORY_MIN_N): "
+            "a commit shapes every later answer near it; with sampling adaptive or sequential this is the "
+            "smallest n the estimation may stop at")
+    if p.seed is not None:
+        raise InvalidRequest(
+            "seed: with the memory on the service draws the seed itself and shows it only once the job has "
+            "succeeded; a chosen seed could pick a lucky draw that every later caller near this input would "
+            "inherit. Omit seed, or set memory false to reproduce a run with your own seed")
 
 
 def _mode(name: str | None) -> str:
@@ -60,12 +100,15 @@ def _mode(name: str | None) -> str:
         raise InvalidRequest(str(exc)) from None
 
 
-def certification(p: CertificationParams, spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+def certification(p: CertificationParams, spec: ModelSpec, settings: Settings, *,
+                  shared_memory: bool = True) -> dict[str, Any]:
     """The stored request of a certification: sigma, sigma_search, bound, n0, n, alpha,
     sampling, tolerance (None unless adaptive), target_radius (None unless sequential),
-    batch_size (None: the worker's automatic size), numeric_mode, memory, seed (every other
-    default resolved)."""
+    batch_size (None: the worker's automatic size), numeric_mode, memory, seed, seed_source
+    (every other default resolved). `shared_memory=False`: the memory, if on, is the job's
+    own (an evaluation's), and the shared memory's rules do not apply."""
     _limit("n", p.n, settings.max_n, "max_n")
+    _alpha(p.alpha, settings)
     _limit("n0", p.n0, settings.max_n0, "max_n0")
     _limit("batch_size", p.batch_size, settings.max_batch_size, "max_batch_size")
     drs = spec.kind == "drs"
@@ -77,7 +120,7 @@ def certification(p: CertificationParams, spec: ModelSpec, settings: Settings) -
     if drs and p.sigma_search is not None:
         raise InvalidRequest("sigma_search: not available for DRS models; give a fixed sigma")
     try:
-        check_certify(p.n0, p.n, p.alpha, p.batch_size, bound)
+        check_certify(p.n0, p.n, p.alpha, p.batch_size, bound, worst_tail(spec))
         tolerance = check_sampling(p.sampling, p.tolerance)
         target_radius = check_target(p.sampling, p.target_radius)
         search = None
@@ -89,18 +132,23 @@ def certification(p: CertificationParams, spec: ModelSpec, settings: Settings) -
         sigma = None if search is not None else _sigma(p.sigma, spec)
     except InvalidParameters as exc:
         raise InvalidRequest(str(exc)) from None
+    memory = p.memory if p.memory is not None else search is not None
+    if memory and shared_memory:
+        _shared_memory_rules(p, settings)
+    seed, source = _seed(p.seed)
     return {
         "sigma": sigma, "sigma_search": search, "bound": bound, "n0": p.n0, "n": p.n,
         "alpha": p.alpha, "sampling": p.sampling, "tolerance": tolerance, "target_radius": target_radius,
-        "batch_size": p.batch_size, "numeric_mode": _mode(p.numeric_mode),
-        "memory": p.memory if p.memory is not None else search is not None,
-        "seed": _seed(p.seed),
+        "batch_size": p.batch_size, "numeric_mode": _mode(p.numeric_mode), "memory": memory,
+        "seed": seed, "seed_source": source,
     }
 
 
 def evaluation(p: EvaluationParams, spec: ModelSpec, settings: Settings) -> dict[str, Any]:
-    """The stored request of an evaluation: a certification's, plus every and limit."""
-    return certification(p, spec, settings) | {"every": p.every, "limit": p.limit}
+    """The stored request of an evaluation: a certification's, plus every and limit. Its
+    memory (when on) is its own, fresh for the run and never shared, so a caller's seed and any
+    α up to the maximum are allowed: the numbers it reports are the caller's alone."""
+    return certification(p, spec, settings, shared_memory=False) | {"every": p.every, "limit": p.limit}
 
 
 def prediction(p: PredictOptions, spec: ModelSpec, settings: Settings) -> dict[str, Any]:
@@ -109,10 +157,12 @@ def prediction(p: PredictOptions, spec: ModelSpec, settings: Settings) -> dict[s
         raise InvalidRequest(f"model {spec.name!r} is a DRS model: it certifies, it does not predict")
     _limit("n", p.n, settings.max_n, "max_n")
     _limit("batch_size", p.batch_size, settings.max_batch_size, "max_batch_size")
+    _alpha(p.alpha, settings)
     try:
         check_predict(p.n, p.alpha, p.batch_size)
         sigma = _sigma(p.sigma, spec)
     except InvalidParameters as exc:
         raise InvalidRequest(str(exc)) from None
+    seed, source = _seed(p.seed)
     return {"sigma": sigma, "n": p.n, "alpha": p.alpha, "batch_size": p.batch_size,
-            "numeric_mode": _mode(p.numeric_mode), "seed": _seed(p.seed)}
+            "numeric_mode": _mode(p.numeric_mode), "seed": seed, "seed_source": source}

@@ -1,5 +1,5 @@
 """Request and response bodies of the HTTP API, in families: `*Request` (what a client
-sends), `*Out` (what it gets back), `JobStatus`. Field names are the contract of DESIGN.md.
+sends), `*Out` (what it gets back), `JobStatus`. Field names are the contract of docs/api.md.
 
 Requests are strict (no "100" for 100, no true for 1, no NaN) and refuse unknown fields, so
 a typo is an error instead of a silently ignored option. Checks that need the model or the
@@ -20,7 +20,9 @@ ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-
 Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]  # the upper limits come from the settings
 Alpha = Annotated[float, Field(gt=0, lt=1, description="1 − confidence; strictly in (0, 1)")]
-Seed = Annotated[int, Field(ge=0, lt=2**63, description="same seed + same request = same result")]
+Seed = Annotated[int, Field(ge=0, lt=2**63, description=(
+    "memory off only: same seed + same request = same result; the result records seed_source "
+    "'caller', and a seed picked after seeing results makes the certificate guarantee nothing"))]
 Tolerance = Annotated[float, Field(ge=0, le=MAX_TOLERANCE, allow_inf_nan=False)]
 TargetRadius = Annotated[float, Field(ge=0, le=MAX_TARGET_RADIUS, allow_inf_nan=False)]
 BatchSize = Annotated[int | None, Field(None, ge=1, description="noisy copies per forward pass; default: "
@@ -87,7 +89,9 @@ class CertificationParams(_Strict):
                           "units as the radius); required with sampling \"sequential\", refused otherwise")
     batch_size: BatchSize = None
     numeric_mode: NumericModeName = None
-    memory: bool | None = Field(None, description="default: true with sigma_search, false with a fixed σ")
+    memory: bool | None = Field(None, description=(
+        "default: true with sigma_search, false with a fixed σ. With the memory on: alpha one of the "
+        "service's memory levels, n at least its memory minimum, no seed"))
     seed: Seed | None = None
 
     @field_validator("sigma_search", mode="before")
@@ -212,7 +216,9 @@ class JobStatus(BaseModel):
     result: dict[str, Any] | None
     error: ErrorOut | None
     model: ModelRef
-    request: dict[str, Any] = Field(description="the validated parameters, seed included")
+    request: dict[str, Any] = Field(description=(
+        "the validated parameters, seed and seed_source included; a seed the service drew for the shared "
+        "memory is null until the job has succeeded"))
     created: float
     started: float | None
     finished: float | None
@@ -243,16 +249,33 @@ class ModelsOut(BaseModel):
     models: list[ModelOut]
 
 
+class MemoryNamespaceOut(BaseModel):
+    """One memory of a model: one numeric mode on one device type at one level α."""
+
+    namespace: str = Field(description="digest/numeric mode/device type/alpha")
+    numeric_mode: str
+    device: str
+    alpha: float
+    entries: int = Field(description="committed entries (what `capacity` bounds)")
+    bytes: int = Field(description="bytes the memory log takes in Redis")
+
+
 class MemoryOut(BaseModel):
-    """A model's certificate memory (namespace: digest/numeric mode)."""
+    """A model's certificate memories: one per numeric mode, device type and α, shared by
+    every API key (docs/guarantees.md §3), with the rules every commit follows."""
 
     model: str
     digest: str
-    namespace: str
-    size: int = Field(description="committed entries (what `capacity` bounds)")
-    entries: int = Field(description="committed entries (the same as `size`)")
-    bytes: int = Field(description="bytes the memory log takes in Redis")
-    capacity: int
+    size: int = Field(description="committed entries over all the model's memories")
+    entries: int = Field(description="the same as `size`")
+    bytes: int = Field(description="bytes the memory logs take in Redis")
+    capacity: int = Field(description="the most entries one memory holds; a full memory refuses commits")
+    levels: list[float] = Field(description="the α a certification with the memory on may use")
+    min_n: int = Field(description="the fewest estimation samples of a committed certificate")
+    quota_per_key: int = Field(description="the most entries one API key may commit to this model's memories "
+                                           "(0: no quota)")
+    your_commits: int = Field(description="the entries the calling key has committed to them")
+    namespaces: list[MemoryNamespaceOut]
 
 
 class HealthOut(BaseModel):

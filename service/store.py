@@ -5,7 +5,8 @@ Imports only redis and pydantic; no other module builds a Redis key. Guarantees:
   redelivered task, a cancel and a time-out cannot each write a result; the same script
   counts the end (jobs_finished_total, answered_total), so a crash cannot lose or double it;
 - a memory entry is committed at most once per job (Lua, keyed by job id), only on top of
-  the log version the worker checked against, and never past the configured capacity;
+  the log version the worker checked against, never past the configured capacity, and never
+  past the committing API key's quota for the model (counted in the same script);
 - a caller's rate tokens and open-job places are taken by one Lua script each, so callers
   racing for the last ones get exactly as many as there are;
 - jobs and their inputs expire `job_ttl_seconds` after creation; memories never expire.
@@ -103,9 +104,10 @@ class OutageRetry(Retry):
 @dataclass(frozen=True)
 class CommitResult:
     """Outcome of a memory commit: committed (index), duplicate (this job's earlier index),
-    conflict (the log grew: sync and retry), stale (the memory was reset), full."""
+    conflict (the log grew: sync and retry), stale (the memory was reset), full, quota (the
+    key has committed its quota to the model's memories; index: its count)."""
 
-    status: Literal["committed", "duplicate", "conflict", "stale", "full"]
+    status: Literal["committed", "duplicate", "conflict", "stale", "full", "quota"]
     index: int
 
 
@@ -180,9 +182,11 @@ end
 return 0
 """
 
-# KEYS: log, job→index hash, epoch. ARGV: expected epoch, expected length, job id, entry,
-# capacity. Distances are never computed here: the worker checked the rule against the
-# first `expected length` entries; the script only appends if nothing was added since.
+# KEYS: log, job→index hash, epoch, the model's owner→commits hash, the model's namespace
+# set. ARGV: expected epoch, expected length, job id, entry, capacity, owner, quota (0: none),
+# namespace. Distances are never computed here: the worker checked the rule against the
+# first `expected length` entries; the script only appends if nothing was added since, and
+# counts the entry against the owner's quota in the same step.
 _COMMIT = """
 local done = redis.call('HGET', KEYS[2], ARGV[3])
 if done then return {'duplicate', tonumber(done)} end
@@ -191,8 +195,12 @@ if epoch ~= tonumber(ARGV[1]) then return {'stale', epoch} end
 local n = redis.call('LLEN', KEYS[1])
 if n ~= tonumber(ARGV[2]) then return {'conflict', n} end
 if n >= tonumber(ARGV[5]) then return {'full', n} end
+local used = tonumber(redis.call('HGET', KEYS[4], ARGV[6]) or '0')
+if tonumber(ARGV[7]) > 0 and used >= tonumber(ARGV[7]) then return {'quota', used} end
 redis.call('RPUSH', KEYS[1], ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[3], n)
+redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
+redis.call('SADD', KEYS[5], ARGV[8])
 return {'committed', n}
 """
 
@@ -278,7 +286,13 @@ class Store:
         return f"{self.p}:jobs:open"
 
     def _mem(self, namespace: str, part: str) -> str:
-        return f"{self.p}:mem:{{{namespace}}}:{part}"
+        # Every key of one model's memories shares the digest's hash tag (one cluster slot), so
+        # a commit can count the owner's quota, kept per model, in the same script.
+        digest, _, rest = namespace.partition("/")
+        return f"{self.p}:mem:{{{digest}}}:{rest}:{part}"
+
+    def _model_mem(self, digest: str, part: str) -> str:
+        return f"{self.p}:mem:{{{digest}}}::{part}"
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -505,34 +519,65 @@ class Store:
         n = int(self.r.llen(key))
         return n, int(self.r.memory_usage(key) or 0) if n else 0
 
+    def _commit_keys(self, namespace: str) -> list[str]:
+        digest = namespace.partition("/")[0]
+        return [self._mem(namespace, "log"), self._mem(namespace, "jobs"), self._mem(namespace, "epoch"),
+                self._model_mem(digest, "owners"), self._model_mem(digest, "namespaces")]
+
     def memory_commit(
-        self, namespace: str, *, epoch: int, length: int, job_id: str, entry: bytes, capacity: int
+        self, namespace: str, *, epoch: int, length: int, job_id: str, entry: bytes, capacity: int,
+        owner: str | None = None, quota: int = 0,
     ) -> CommitResult:
+        """Append `entry` if the log is still (epoch, length), below `capacity`, and `owner`
+        (an API key id; None: the open API's one caller) has committed fewer than `quota`
+        entries to this model's memories (0: no quota)."""
         status, index = self._commit(
-            keys=[self._mem(namespace, "log"), self._mem(namespace, "jobs"), self._mem(namespace, "epoch")],
-            args=[epoch, length, job_id, entry, capacity],
+            keys=self._commit_keys(namespace),
+            args=[epoch, length, job_id, entry, capacity, owner or "-", quota, namespace],
         )
         return CommitResult(status.decode(), int(index))
 
     def memory_commit_many(
-        self, namespace: str, *, epoch: int, length: int, entries: list[tuple[str, bytes]], capacity: int
+        self, namespace: str, *, epoch: int, length: int, entries: list[tuple[str, bytes]], capacity: int,
+        owner: str | None = None, quota: int = 0,
     ) -> list[CommitResult]:
         """`memory_commit` of (job id, entry) pairs in one round trip, for bulk loading: the k-th
         is committed on top of length + k by the same compare-and-set, so a log that moved on
         refuses the rest ("conflict"). The rule is the caller's business, as with memory_commit."""
-        keys = [self._mem(namespace, "log"), self._mem(namespace, "jobs"), self._mem(namespace, "epoch")]
+        keys = self._commit_keys(namespace)
         with self.r.pipeline(transaction=False) as pipe:
             for k, (job_id, entry) in enumerate(entries):
-                self._commit(keys=keys, args=[epoch, length + k, job_id, entry, capacity], client=pipe)
+                self._commit(keys=keys, args=[epoch, length + k, job_id, entry, capacity, owner or "-", quota,
+                                              namespace], client=pipe)
             replies = pipe.execute()
         return [CommitResult(status.decode(), int(index)) for status, index in replies]
 
+    def memory_commits_of(self, digest: str, owner: str | None) -> int:
+        """Entries `owner` has committed to the memories of the model with this digest."""
+        return int(self.r.hget(self._model_mem(digest, "owners"), owner or "-") or 0)
+
+    def memory_namespaces(self, digest: str) -> list[str]:
+        """Every namespace (numeric mode, device type, α) the model's memories were written in."""
+        return sorted(m.decode() for m in self.r.smembers(self._model_mem(digest, "namespaces")))
+
     def memory_reset(self, namespace: str) -> None:
-        """Drop every entry; workers see the new epoch and rebuild their copy."""
+        """Drop every entry of one namespace; workers see the new epoch and rebuild their copy."""
         with self.r.pipeline() as pipe:
             pipe.delete(self._mem(namespace, "log"), self._mem(namespace, "jobs"))
             pipe.incr(self._mem(namespace, "epoch"))
             pipe.execute()
+
+    def memory_reset_model(self, digest: str) -> list[str]:
+        """Drop every memory of the model (all numeric modes, devices and levels) and its keys'
+        quota counts; returns the namespaces reset."""
+        namespaces = self.memory_namespaces(digest)
+        with self.r.pipeline() as pipe:
+            for namespace in namespaces:
+                pipe.delete(self._mem(namespace, "log"), self._mem(namespace, "jobs"))
+                pipe.incr(self._mem(namespace, "epoch"))
+            pipe.delete(self._model_mem(digest, "owners"))
+            pipe.execute()
+        return namespaces
 
     # --- per-caller limits ------------------------------------------------------------
 

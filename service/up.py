@@ -1,8 +1,9 @@
 """`smoothcert up`: the whole stack on one machine, for a laptop or a demo; and
 `smoothcert register-model`, which provisions the registry of any stack.
 
-Starts, in order: a private `redis-server` (only if none answers at SMOOTHCERT_REDIS_URL),
-one Celery worker, and uvicorn; registers the bundled demo model; generates an admin and a
+Starts, in order: a private `redis-server` (if none answers at SMOOTHCERT_REDIS_URL, or if
+the one that answers by default would not keep memory commits: `service.durability`), one
+Celery worker, and uvicorn; registers the bundled demo model; generates an admin and a
 user API key, prints them and writes them (with the URL) to the credentials file the client
 CLI reads. Ctrl-C stops everything it started. Nothing here imports torch.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from service.config import Settings
+from service.durability import durability_problems
 from service.queue import ALL_QUEUES
 from service.store import Store
 from smoothcert.archive import inspect_bundle, read_bundle_files, zip_bundle
@@ -103,12 +105,47 @@ def _redis_answers(url: str) -> bool:
     return Store.from_url(url).ping()
 
 
+def _free_local_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+
+
+def choose_redis(url: str, explicit: bool, state: Path, procs: list) -> str:
+    """The Redis `up` uses: the one at `url` if it answers and keeps memory commits; a private
+    one otherwise (at `url` when nothing answers there; on a free port when the default URL
+    answers with a Redis that would lose commits, e.g. a distribution's with appendonly no).
+    A Redis named explicitly is used as it is, with a warning: its memory jobs will fail with
+    memory_unavailable until it is configured."""
+    if not _redis_answers(url):
+        _start_redis(url, state, procs)
+        return url
+    problems = durability_problems(Store.from_url(url).r, check=Settings().memory_durability_check)
+    if not problems:
+        return url
+    if explicit:
+        print(f"smoothcert up: warning: the Redis at {url} would not keep memory commits "
+              f"({'; '.join(problems)}); certifications with the memory will fail", file=sys.stderr)
+        return url
+    private = _free_local_url()
+    print(f"smoothcert up: the Redis at {url} would not keep memory commits ({'; '.join(problems)}); "
+          f"starting a private one at {private}")
+    _start_redis(private, state, procs)
+    return private
+
+
 def redis_command(binary: str, port: int, folder: Path, host: str = "127.0.0.1", *extra: str) -> list[str]:
-    """redis-server as smoothcert needs it (DESIGN.md): append-only persistence in `folder`
-    and no eviction, since a lost memory entry or job breaks consistency silently. `up`, the
-    benchmark and reliability stack, and the tests' servers all start it with this."""
+    """redis-server as smoothcert needs it (docs/deployment.md): append-only persistence in `folder`,
+    fsynced before every reply (`appendfsync always`), and no eviction. An acknowledged memory
+    commit then survives a crash of Redis or of its machine; with Redis' default `everysec` a
+    crash loses up to the last second of them, and an evicted entry breaks consistency
+    silently. `service.durability` refuses a server without these settings. `up`, the benchmark
+    and reliability stacks, and the tests' servers all start it with this; `extra` comes last
+    and so overrides (redis-server takes the last value of a repeated option)."""
     return [binary, "--port", str(port), "--bind", host, "--dir", str(folder), "--appendonly", "yes",
-            "--maxmemory-policy", "noeviction", *extra]
+            "--appendfsync", "always", "--maxmemory-policy", "noeviction", *extra]
 
 
 def _start_redis(url: str, state: Path, procs: list) -> None:
@@ -150,19 +187,19 @@ def _interrupt(signum, frame) -> None:
 def run(args: argparse.Namespace) -> int:
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
+    explicit = bool(args.redis_url or os.environ.get("SMOOTHCERT_REDIS_URL"))
     redis_url = args.redis_url or Settings().redis_url
-    env = dict(os.environ, SMOOTHCERT_REDIS_URL=redis_url)
     keys = {} if args.no_keys else {"admin_key": secrets.token_urlsafe(24), "api_key": secrets.token_urlsafe(24)}
-    if keys:
-        env["SMOOTHCERT_ADMIN_KEYS"], env["SMOOTHCERT_API_KEYS"] = keys["admin_key"], keys["api_key"]
     procs: list[subprocess.Popen] = []
     # Explicit handlers: a shell may start us with SIGINT ignored, and SIGTERM (docker stop,
     # systemd) must stop the children as Ctrl-C does.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
     try:
-        if not _redis_answers(redis_url):
-            _start_redis(redis_url, state, procs)
+        redis_url = choose_redis(redis_url, explicit, state, procs)
+        env = dict(os.environ, SMOOTHCERT_REDIS_URL=redis_url)
+        if keys:
+            env["SMOOTHCERT_ADMIN_KEYS"], env["SMOOTHCERT_API_KEYS"] = keys["admin_key"], keys["api_key"]
         store = Store.from_url(redis_url, prefix=Settings().key_prefix)
         names = [register_bundle(store, b) for b in [DEMO_BUNDLE, *args.model]]
         procs.append(subprocess.Popen(

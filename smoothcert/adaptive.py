@@ -1,5 +1,5 @@
 """Adaptive sampling: an input-specific sample size, chosen from the selection sample alone
-(ALGORITHMS.md §7; after Chen et al., "Input-Specific Robustness Certification for
+(docs/algorithms.md §7; after Chen et al., "Input-Specific Robustness Certification for
 Randomized Smoothing", AAAI 2022).
 
 CERTIFY with `sampling="adaptive"` treats the request's `n` as a maximum, n_max:
@@ -113,21 +113,24 @@ def check_sampling(sampling: str, tolerance: float | None) -> float | None:
     return float(tolerance)
 
 
-def ladder(n_max: int, n_min: int) -> tuple[int, ...]:
-    """The sizes adaptive sampling chooses from, ascending: 0 (abstain), the rungs
-    round(n_max·2^(-k/4)) ≥ n_min, and n_max itself. Fixed before any sample is drawn."""
+def ladder(n_max: int, n_min: int, *, early_abstention: bool = True) -> tuple[int, ...]:
+    """The sizes adaptive sampling chooses from, ascending: 0 (abstain; not with
+    `early_abstention=False`), the rungs round(n_max·2^(-k/4)) ≥ n_min, and n_max itself.
+    Fixed before any sample is drawn."""
     rungs = {n_max}
     k = 1
     while (rung := round(n_max * LADDER_STEP ** -k)) >= n_min:
         rungs.add(rung)
         k += 1
-    return (0, *sorted(rungs))
+    return (0, *sorted(rungs)) if early_abstention else tuple(sorted(rungs))
 
 
 def plan(bound: str, c_a: int, counts0: Sequence[Sequence[int]], *, n_max: int, alpha: float,
-         tolerance: float) -> Plan:
+         tolerance: float, tail: float = 0.0, n_floor: int = 0) -> Plan:
     """The estimation size for cA from the selection counts `counts0` (one count vector per
     network: one for cohen and two_sided, left and right for drs). See the module docstring.
+    `tail` is the noise tail the bounds account for (smoothcert.noise); `n_floor` > 0 makes
+    it the smallest size allowed, with no early abstention (a memory's minimum n for commits).
 
     Every posterior node's margin grows with n (a Clopper–Pearson bound at a fixed proportion
     tightens as n grows), so E[R(n)] rises and P(abstain at n) falls along the ladder, and
@@ -135,12 +138,12 @@ def plan(bound: str, c_a: int, counts0: Sequence[Sequence[int]], *, n_max: int, 
     if bound not in bounds.BOUNDS:
         raise bounds.InvalidParameters(f"bound must be one of {', '.join(bounds.BOUNDS)}, got {bound!r}")
     nodes = _nodes(bound, c_a, counts0)
-    rungs = ladder(n_max, bounds.min_certify_n(alpha, bound))
+    rungs = ladder(n_max, max(n_floor, bounds.min_certify_n(alpha, bound, tail)), early_abstention=n_floor <= 0)
 
     def stats(n: int) -> tuple[float, float]:  # (E[R(n)]/σ, P(abstain at n))
         if n == 0:
             return 0.0, 1.0
-        certifies, margin = margin_at(bound, nodes, float(n), alpha, len(counts0[0]) - 1)
+        certifies, margin = margin_at(bound, nodes, float(n), alpha, len(counts0[0]) - 1, tail)
         with np.errstate(invalid="ignore"):
             return float(np.where(certifies, margin, 0.0).mean()), float(1.0 - certifies.mean())
 
@@ -180,19 +183,22 @@ def _nodes(bound: str, c_a: int, counts0: Sequence[Sequence[int]]) -> tuple[np.n
 
 
 def margin_at(bound: str, nodes: tuple[np.ndarray, ...], n: float, alpha: float,
-            others: int) -> tuple[np.ndarray, np.ndarray]:
+              others: int, tail: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(certifies, R/σ) at each node with the estimation count at its mean n·p, through the
-    bound's own α split (bounds.cohen_bound, two_sided_bound over `others` classes,
-    drs_bounds)."""
+    bound's own α split and strict condition (bounds.cohen_bound, two_sided_bound (`others`:
+    whether cA has rivals at all), drs_bounds), the noise tail taken off lower bounds and added to upper
+    ones. For planning only: the certificate's own bound is computed by `smoothcert.bounds`."""
     if bound == "cohen":
-        p_low = _cp_lower(n * nodes[0], n, alpha)
-        return p_low >= 0.5, ndtri(p_low)
+        p_low = _cp_lower(n * nodes[0], n, alpha) - tail
+        return p_low > 0.5, ndtri(np.clip(p_low, 0.0, 1.0))
     if bound == "two_sided":
         p_a, p_b = nodes
-        p_low = _cp_lower(n * p_a, n, alpha / 2.0)
-        p_up = _cp_upper(n * p_b, n, alpha / 2.0 / others) if others else np.zeros_like(p_low)
+        p_low = _cp_lower(n * p_a, n, alpha / 2.0) - tail
+        p_up = _cp_upper(n * p_b, n, alpha / 2.0) + tail if others else np.zeros_like(p_low)
+        p_low, p_up = np.clip(p_low, 0.0, 1.0), np.clip(p_up, 0.0, 1.0)
         return p_low > p_up, (ndtri(p_low) - ndtri(p_up)) / 2.0
-    a_plus_b = ndtri(_cp_lower(n * nodes[0], n, alpha / 2.0)) + ndtri(_cp_lower(n * nodes[1], n, alpha / 2.0))
+    halves = [np.clip(_cp_lower(n * p, n, alpha / 2.0) - tail, 0.0, 1.0) for p in nodes]
+    a_plus_b = ndtri(halves[0]) + ndtri(halves[1])
     return a_plus_b > 0.0, a_plus_b / math.sqrt(2.0)
 
 

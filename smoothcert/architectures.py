@@ -2,7 +2,7 @@
 
 Every network maps a float batch `[B, *input_shape]` to logits `[B, num_classes]`.
 Names: `digits_cnn` (small CNN for 8×8 digits and their 8×4 DRS halves), `linear` (one
-affine layer: the exact-answer model of ALGORITHMS.md §8), `cifar_resnet20`,
+affine layer: the exact-answer model of docs/algorithms.md §8), `cifar_resnet20`,
 `cifar_resnet110` (any `cifar_resnet<6k+2>`), and `torchvision:<name>` for torchvision's
 ImageNet models, built without pretrained weights.
 """

@@ -2,7 +2,10 @@
 
 Torch-free, so the API can vet an upload and compute its digest without loading torch.
 Zips with unsafe paths, symlinks, encrypted or duplicate members, or more than the size and
-count limits are refused whole; declared sizes are not trusted.
+count limits are refused whole; declared sizes are not trusted. A network file that is itself
+a zip (torch.save's and torch.export's formats) is refused when it holds two members of one
+name (`check_zip_members`): Python's zipfile reads the last of them, torch's reader may read
+another, so what a check read would not be what torch loads.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ MAX_MEMBER_BYTES = 512 * 2**20
 MAX_TOTAL_BYTES = 2**30
 MAX_MEMBERS = 64
 _CHUNK = 2**20
+# What zipfile raises on a damaged or unsupported zip (UnicodeDecodeError: a name flagged
+# UTF-8 that is not; NotImplementedError: an unknown version or compression method).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, OSError, EOFError,
+               UnicodeDecodeError, NotImplementedError)
 NETWORK_FILES = ("model.pt2", "weights.pt", "left.pt2", "right.pt2", "left.pt", "right.pt")
 
 
@@ -34,9 +41,10 @@ def read_bundle_files(
     """The top-level files of a bundle directory or zip (path or bytes), name → content.
 
     A zip whose files all sit under one folder is read from that folder. Zips with absolute
-    or `..` paths, symlinks, duplicate or encrypted members, or more than the size and count
-    limits are refused whole. A directory is the caller's own: its symlinks are followed,
-    its dot-files (.DS_Store, save_bundle's temporaries) skipped.
+    or `..` paths, symlinks, duplicate member names (see `check_zip_members`) or encrypted
+    members, or more than the size and count limits are refused whole. A directory is the
+    caller's own: its symlinks are followed, its dot-files (.DS_Store, save_bundle's
+    temporaries) skipped.
     """
     limits = (max_member_bytes, max_total_bytes)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -82,8 +90,7 @@ def _read_zip(fh: Any, max_members: int, limits: tuple[int, int]) -> dict[str, b
             infos = zf.infolist()
             if len(infos) > max_members:
                 raise BundleError(f"bundle zip has {len(infos)} members, at most {max_members}")
-            if len({i.filename for i in infos}) < len(infos):
-                raise BundleError("bundle zip holds a member name twice")
+            _refuse_duplicates(infos, "bundle zip")
             for info in infos:
                 name, parts = info.filename, info.filename.replace("\\", "/").split("/")
                 if name.startswith(("/", "\\")) or ":" in name or ".." in parts or "\0" in name:
@@ -102,8 +109,41 @@ def _read_zip(fh: Any, max_members: int, limits: tuple[int, int]) -> dict[str, b
                       if n.startswith(prefix) and "/" not in n[len(prefix):]}
             openers = {n: (i.file_size, lambda i=i: zf.open(i)) for n, i in chosen.items()}
             return _read_members(openers, *limits)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, OSError, EOFError) as e:
+    except _ZIP_ERRORS as e:
         raise BundleError(f"bundle is neither a directory nor a readable zip ({e})") from None
+
+
+def check_zip_members(data: bytes, fname: str) -> None:
+    """Refuse `data` if it is a zip holding two members of one name, either as Python's
+    zipfile reads names or as torch's zip reader (miniz) compares them: the stored bytes,
+    ASCII letter case ignored. zipfile opens the last such member and torch may open another,
+    so a check could vet one pickle while torch loads the other. Data that zipfile cannot read
+    as a zip passes here: the state-dict and .pt2 checks refuse it."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+    except _ZIP_ERRORS:
+        return
+    _refuse_duplicates(infos, f"{fname} is a zip that")
+
+
+def _refuse_duplicates(infos: list[zipfile.ZipInfo], what: str) -> None:
+    # Two views of each name: zipfile's (decoded, cut at a NUL; `open(name)` finds the last
+    # member so named) and miniz's (the stored bytes: zipfile decodes them as UTF-8 when the
+    # flag says so, else as cp437, a bijection on bytes; compared with ASCII letters folded).
+    by_text: dict[str, zipfile.ZipInfo] = {}
+    by_bytes: dict[bytes, zipfile.ZipInfo] = {}
+    for info in infos:
+        stored = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437").lower()
+        first = by_text.get(info.filename) or by_bytes.get(stored)
+        if first is not None:
+            if first.filename == info.filename:
+                raise BundleError(f"{what} holds the member {info.filename!r} twice; a zip must "
+                                  "name each member once")
+            raise BundleError(f"{what} holds the members {first.filename!r} and {info.filename!r}, "
+                              "names that torch's zip reader takes for one (it ignores letter case); "
+                              "a zip must name each member once")
+        by_text[info.filename] = by_bytes[stored] = info
 
 
 def bundle_digest(files: Mapping[str, bytes]) -> str:
@@ -137,7 +177,7 @@ def is_torchscript(data: bytes) -> bool:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
-    except zipfile.BadZipFile:
+    except _ZIP_ERRORS:
         return False
 
 
@@ -209,21 +249,25 @@ def _read_capped(zf: zipfile.ZipFile, name: str, limit: int, refuse) -> bytes:
 def check_state_dict(data: bytes, fname: str) -> None:
     """Refuse a state-dict file whose pickle imports anything a state dict does not need
     (an `os.system` payload, a whole pickled nn.Module), reading its opcodes, never running
-    them. Torch-free, for the API's upload check; `load_bundle` still loads with weights_only."""
+    them, and a zip that names a member twice (`check_zip_members`), whose pickle torch might
+    read from another member than this check. Every `.pkl` member is read, whatever the letter
+    case (torch finds `data.pkl` ignoring it). Torch-free, for the API's upload check;
+    `load_bundle` still loads with weights_only."""
     def refuse(what: str) -> BundleError:
         return BundleError(f"{fname} must be a state dict of tensors, but {what}; save it with "
                            "torch.save(model.state_dict(), ...)")
 
+    check_zip_members(data, fname)
     if is_torchscript(data):
         raise torchscript_error(fname)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            names = [n for n in zf.namelist() if n.endswith(".pkl")]
+            names = [n for n in zf.namelist() if n.lower().endswith(".pkl")]
             if not names:
                 raise refuse("it is a zip without torch.save's data.pkl")
             pickles = [_read_capped(zf, n, _MAX_PICKLE_BYTES, refuse) for n in names]
         streams = [(io.BytesIO(p), 1) for p in pickles]
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, OSError, EOFError):
+    except _ZIP_ERRORS:
         streams = [(io.BytesIO(data), _LEGACY_PICKLES)]  # torch.save's legacy format, or a bare pickle
     for stream, count in streams:
         for k in range(count):
@@ -249,7 +293,8 @@ def inspect_bundle(files: Mapping[str, bytes]) -> tuple[ModelSpec, list[str], st
 
     The digest covers model.json and the network files the loader uses, nothing else (a
     README beside them does not change which model this is). The registry and the loader
-    both name a bundle by it.
+    both name a bundle by it. A network file that is a zip naming a member twice is refused
+    (`check_zip_members`), so neither the upload check nor the loader reads one.
     """
     if "model.json" not in files:
         raise BundleError(f"bundle has no model.json at its top level (found {sorted(files)})")
@@ -259,4 +304,6 @@ def inspect_bundle(files: Mapping[str, bytes]) -> tuple[ModelSpec, list[str], st
         raise BundleError(f"model.json is not valid UTF-8 JSON ({e})") from None
     spec = ModelSpec.from_json(raw)
     names = network_files(spec, files)
+    for name in names:
+        check_zip_members(files[name], name)
     return spec, names, bundle_digest({n: files[n] for n in ["model.json", *names]})

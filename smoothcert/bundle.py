@@ -1,6 +1,6 @@
 """Model bundles: `model.json` plus a network, as a directory or a .zip of it.
 
-Format (docs/DESIGN.md, "Model bundles"): `model.json` and either `model.pt2` (a
+Format (docs/bundles.md): `model.json` and either `model.pt2` (a
 `torch.export` program with a dynamic batch dimension) or `"architecture"` plus `weights.pt`
 (a state dict); `kind: "drs"` bundles hold `left.*` and `right.*`, each taking a half-image
 `[C, H, W/2]`. Guarantees of `load_bundle`:

@@ -30,9 +30,11 @@ from smoothcert.smoothing import StageProgress, certify, predict, seeded, stage
 
 
 class MemoryLike(Protocol):
-    """What certify needs of a memory: `Memory` itself, or a worker's view of the shared one."""
+    """What certify needs of a memory: `Memory` itself, or a worker's view of the shared one.
+    `min_n`: the fewest estimation votes a committed certificate may have."""
 
     namespace: str
+    min_n: int
 
     def answer(self, x: torch.Tensor, template: Certificate) -> Certificate | None: ...
 
@@ -61,7 +63,6 @@ class Certifier:
         self.bundle = bundle.to(self.device)
         self.spec = bundle.spec
         self.numeric_mode = mode.name
-        self.namespace = memory_namespace(bundle.digest, self.numeric_mode)
         # What the sampler calls: (classifier,) or (left, right), in the numeric mode.
         self.samplers = tuple(in_mode(net, mode, self.device) for net in self.bundle.networks)
         self._batch: BatchSize | None = None
@@ -96,10 +97,16 @@ class Certifier:
     def _batch_size(self, batch_size: int | None) -> int:
         return self.batch.rows if batch_size is None else batch_size
 
-    def new_memory(self, capacity: int | None = None) -> Memory:
-        """An empty memory for this model and numeric mode."""
+    def memory_namespace(self, alpha: float) -> str:
+        """The memory of this model, numeric mode and device type at level α."""
+        return memory_namespace(self.bundle.digest, self.numeric_mode, self.device.type, alpha)
+
+    def new_memory(self, alpha: float = 0.001, *, capacity: int | None = None, min_n: int = 1) -> Memory:
+        """An empty memory for this model, numeric mode and device type, holding certificates
+        at level `alpha` of at least `min_n` estimation votes."""
         dim = int(np.prod(self.spec.input_shape))
-        return Memory(self.namespace, dim, capacity=capacity, device=self.device)
+        return Memory(self.memory_namespace(alpha), dim, alpha=alpha, min_n=min_n, capacity=capacity,
+                      device=self.device)
 
     def tensor(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The input as a float32 tensor of the model's input shape on the model's device."""
@@ -159,18 +166,25 @@ class Certifier:
         target_radius = sequential.check_target(sampling, target_radius)
         fixed_sigma = self._sigma(sigma) if sigma_search is None else None
         search = sigma_search.resolved() if sigma_search is not None else None
-        if memory is not None and memory.namespace != self.namespace:
-            raise bounds.InvalidParameters(
-                f"memory namespace {memory.namespace} does not match this model ({self.namespace})"
-            )
+        n_floor = 0
+        if memory is not None:
+            if memory.namespace != self.memory_namespace(alpha):
+                raise bounds.InvalidParameters(
+                    f"memory {memory.namespace} is not this model's memory at alpha={alpha} "
+                    f"({self.memory_namespace(alpha)}): a memory holds one function at one level")
+            if n < memory.min_n:
+                raise bounds.InvalidParameters(
+                    f"n={n}: the memory commits certificates of at least n={memory.min_n} estimation votes")
+            n_floor = memory.min_n
         started = time.perf_counter()
         t = self.tensor(x)
+        source = "caller" if seed is not None else "drawn"
         seed, generator = seeded(seed, None, self.device)
         template = Certificate(
             prediction=None, radius=0.0, sigma=fixed_sigma or 0.0, bound=bound, n0=n0, n=n,
             alpha=alpha, batch_size=batch_size, seed=seed, model_digest=self.bundle.digest,
             numeric_mode=self.numeric_mode, sampling=sampling, n_max=n, tolerance=tolerance,
-            target_radius=target_radius,
+            target_radius=target_radius, seed_source=source,
         )
         if memory is not None:
             answered = memory.answer(t, template)
@@ -190,13 +204,14 @@ class Certifier:
             num_classes=self.spec.num_classes, sigma=record.sigma if record else fixed_sigma,
             n0=n0, n=n, alpha=alpha, sampling=sampling, tolerance=tolerance, target_radius=target_radius,
             batch_size=batch_size, seed=seed, generator=generator, progress=progress, cancel=cancel,
+            n_floor=n_floor,
         )
         if drs:
             cert = certify_drs(*self.samplers, t, **common)
         else:
             cert = certify(self.samplers[0], t, bound=bound, **common)
         cert = cert.replace(
-            search=record, model_digest=self.bundle.digest, numeric_mode=self.numeric_mode,
+            search=record, model_digest=self.bundle.digest, numeric_mode=self.numeric_mode, seed_source=source,
             samples=cert.samples + (record.samples_used if record else 0),
         )
         if memory is not None:

@@ -1,4 +1,4 @@
-"""Dual Randomized Smoothing (Xia et al., ICLR 2024), ALGORITHMS.md §5.
+"""Dual Randomized Smoothing (Xia et al., ICLR 2024), docs/algorithms.md §5.
 
 The image is split by a checkerboard into two disjoint half-images of shape [C, H, W/2];
 each has its own base classifier, smoothed with the same σ on its own half. With
@@ -18,7 +18,7 @@ from torch import nn
 from smoothcert import adaptive, bounds, sequential
 from smoothcert.results import Certificate
 from smoothcert.sampling import CancelCheck
-from smoothcert.smoothing import StageProgress, estimate_votes, issue, seeded
+from smoothcert.smoothing import StageProgress, estimate_votes, issue, noise_terms, seed_source, seeded
 
 
 def _columns(height: int, width: int, parity: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,7 @@ def certify_drs(
     generator: torch.Generator | None = None,
     progress: StageProgress | None = None,
     cancel: CancelCheck | None = None,
+    n_floor: int = 0,
 ) -> Certificate:
     """DRS CERTIFY: cA = argmax(counts0_l + counts0_r) on n0 samples; per-half lower bounds
     at α/2 on n fresh samples; abstain when a + b ≤ 0.
@@ -80,26 +81,29 @@ def certify_drs(
     One noise draw per sample serves both halves: they are disjoint, so each half sees
     independent N(0, σ²) noise, and the union bound needs no independence between them.
     sampling="adaptive" and "sequential" treat n as a maximum, as in `smoothing.certify`.
+    Each half's bound loses the noise tail of the coordinates it sees (smoothcert.noise).
     """
-    bounds.check_certify(n0, n, alpha, batch_size, "drs")
+    bounds.check_sigma(sigma)
+    noise_sigma, tail = noise_terms(x, sigma, views=2)
+    bounds.check_certify(n0, n, alpha, batch_size, "drs", tail)
     tolerance = adaptive.check_sampling(sampling, tolerance)
     target_radius = sequential.check_target(sampling, target_radius)
-    bounds.check_sigma(sigma)
     started = time.perf_counter()
+    source = seed_source(seed, generator)
     seed, generator = seeded(seed, generator, x.device)
 
     def estimate(c_a: int, counts: list[np.ndarray], level: float) -> tuple[float | None, dict]:
         n_a = (int(counts[0][c_a]), int(counts[1][c_a]))
-        p_low = bounds.drs_bounds(n_a[0], n_a[1], int(counts[0].sum()), level)
-        return bounds.drs_radius(sigma, *p_low), dict(n_a_halves=n_a, p_a_lower_halves=p_low)
+        p_low = bounds.drs_bounds(n_a[0], n_a[1], int(counts[0].sum()), level, tail)
+        return bounds.drs_radius(noise_sigma, *p_low), dict(n_a_halves=n_a, p_a_lower_halves=p_low)
 
     c_a, radius, fields = estimate_votes(
         (left, right), HALF_VIEWS, x, sigma, n0=n0, n=n, alpha=alpha, bound="drs", sampling=sampling,
         tolerance=tolerance, target_radius=target_radius, estimate=estimate, num_classes=num_classes,
-        batch_size=batch_size, generator=generator, progress=progress, cancel=cancel,
+        tail=tail, n_floor=n_floor, batch_size=batch_size, generator=generator, progress=progress, cancel=cancel,
     )
     return issue(
         c_a, radius, sigma=float(sigma), bound="drs", n0=n0, alpha=alpha, batch_size=batch_size, seed=seed,
-        sampling=sampling, n_max=n, tolerance=tolerance, target_radius=target_radius,
-        seconds=time.perf_counter() - started, **fields,
+        sampling=sampling, n_max=n, tolerance=tolerance, target_radius=target_radius, noise_sigma=noise_sigma,
+        noise_tail=tail, seed_source=source, seconds=time.perf_counter() - started, **fields,
     )

@@ -1,4 +1,4 @@
-"""Certified accuracy of a bundle on a data split (ALGORITHMS.md §9), and the run directory.
+"""Certified accuracy of a bundle on a data split (docs/algorithms.md §9), and the run directory.
 
 `evaluate` certifies every k-th example of a split in index order, each with the seed
 `derive_seed(seed, idx)` of its dataset index (so runs with different `every` or `limit`
@@ -12,7 +12,8 @@ abstained, prediction = label) AND have radius ≥ r; ACR = mean over all rows o
 counting 0 for wrong or abstained rows; clean accuracy = certified accuracy at r = 0.
 
 A run directory holds `results.tsv` (`smoothcert.tsv`: the columns of certify-local, idx
-being the dataset index), `summary.json` and `curve.png`. `summary.json` (schema
+being the dataset index, radii rounded down), `summary.json` (exact floats) and `curve.png`.
+Progress notes print each radius rounded down too, never up. `summary.json` (schema
 "smoothcert.evaluation/1"; fractions in [0, 1], radii in ℓ2 pixel units, times in seconds):
 
     schema            "smoothcert.evaluation/1"
@@ -61,6 +62,7 @@ from smoothcert import tsv
 from smoothcert.adaptive import check_sampling
 from smoothcert.bounds import InvalidParameters
 from smoothcert.results import Certificate
+from smoothcert.rounding import floor_text
 from smoothcert.search import SigmaSearch
 from smoothcert.sequential import check_target
 
@@ -158,7 +160,7 @@ def evaluate(
     bound = bound or ("drs" if spec.kind == "drs" else "cohen")
     tolerance = check_sampling(sampling, tolerance)
     target_radius = check_target(sampling, target_radius)
-    table = certifier.new_memory() if memory else None
+    table = certifier.new_memory(alpha) if memory else None
     if batch_size is None:  # resolved once, so every row and the summary name the same size
         batch_size = certifier.batch.rows
 
@@ -176,7 +178,7 @@ def evaluate(
             on_row(row)
         if progress is not None:
             predict = "abstain" if cert.abstained else cert.prediction
-            progress.advance(f"#{idx}: label {row.label} predict {predict} radius {cert.radius:.3f}")
+            progress.advance(f"#{idx}: label {row.label} predict {predict} radius {floor_text(cert.radius, 3)}")
 
     parameters = {
         "model": {"name": spec.name, "digest": certifier.bundle.digest, "kind": spec.kind,

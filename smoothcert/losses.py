@@ -74,7 +74,7 @@ FENG_FLOOR = 1e-4
 
 def feng_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: Sigma,
               generator: torch.Generator, k: int, lam: float) -> Step:
-    """Feng et al. (ALGORITHMS.md §2): mean CE over k noisy copies + λ·mean_b log Ĝ_c̃(x_b),
+    """Feng et al. (docs/algorithms.md §2): mean CE over k noisy copies + λ·mean_b log Ĝ_c̃(x_b),
     Ĝ the average softmax over the copies, c̃ = argmax_{c ≠ y} Ĝ_c: the runner-up when Ĝ's
     top class is the label, else the top class. c̃ is a selection (no gradient); log Ĝ is a
     logsumexp of log-softmaxes, exact however small Ĝ_c̃ is.
@@ -128,7 +128,7 @@ def drs_step(pair: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: Sigma,
 def ddrs_sigma_ascent(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, *, steps: int,
                       lr: float, samples: int, sigma_min: float, sigma_max: float,
                       generator: torch.Generator) -> torch.Tensor:
-    """`steps` DDRS ascent steps (ALGORITHMS.md §3) for every image of a batch at once:
+    """`steps` DDRS ascent steps (docs/algorithms.md §3) for every image of a batch at once:
     σ_b ← clamp(σ_b + lr·∂R̃_b/∂σ_b, σ_min, σ_max), R̃_b = σ_b/2·(Φ⁻¹(p1) − Φ⁻¹(p2)) on the
     top two of ψ (mean softmax over `samples` fresh noisy copies), clamped to P_CLAMP as at
     certification. Only σ gets a gradient (parameters' .grad untouched). Run it with the model

@@ -1,4 +1,4 @@
-"""`model.json`: the validated description of a model bundle (DESIGN.md, "Model bundles").
+"""`model.json`: the validated description of a model bundle (docs/bundles.md).
 
 Torch-free (standard library only), so the API can check an uploaded bundle's manifest
 without loading torch. Every refusal is a BundleError whose message names the field.

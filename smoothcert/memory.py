@@ -1,4 +1,4 @@
-"""The certificate memory that makes data-dependent σ sound (ALGORITHMS.md §3.1).
+"""The certificate memory that makes data-dependent σ sound (docs/algorithms.md §3.1).
 
 Invariant kept by `apply_rule` + commit: committed balls of different classes never
 intersect (an abstention is its own class, ABSTAIN, with radius 0). Then "answer c_i if the
@@ -6,6 +6,12 @@ query lies in a committed ball B(x_i, R_i), else certify afresh" agrees with eve
 certificate ever issued. Distances are exact (float64, computed in blocks, no approximate
 search); every radius the rule lowers is rounded down by a relative ROUNDING margin, so
 floating-point error can only make a ball smaller, never let two balls touch.
+
+Each entry also keeps its provenance: the sampling of its root, the entry whose own votes
+produced the ball ("new" and "shrunk" entries are their own roots; an "inside" entry takes
+the root of the ball it lies in), and every answer reports that root's σ, n, α and bounds
+(docs/guarantees.md §2). A `Memory` holds certificates of one level α and of at least
+`min_n` estimation votes, and never a radius that is not a finite number ≥ 0.
 
 `apply_rule` and `lookup` are pure functions over tensors: the brute-force scan, the
 definition. `Memory` is an append-only in-process table (the CLI's memory, and the workers'
@@ -24,11 +30,15 @@ uint8 tensor of points that way (`point_values`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
-from smoothcert.results import Certificate, MemoryRecord
+from smoothcert.adaptive import SAMPLINGS
+from smoothcert.bounds import BOUNDS, InvalidParameters
+from smoothcert.results import Certificate, MemoryRecord, Provenance
 
 ABSTAIN = -1
 ROUNDING = 1e-9
@@ -41,6 +51,46 @@ _UNIT = 2.0 ** -53  # unit roundoff of float64
 
 class MemoryFull(RuntimeError):
     """The memory holds its configured maximum of entries; nothing was committed."""
+
+
+# One entry's provenance (results.Provenance) as a fixed-size record: the columns the table
+# keeps beside its points, and the bytes an entry of the shared log carries. NaN: absent.
+# root -1: the entry itself (its index is only known once it is committed).
+PROVENANCE = np.dtype([
+    ("root", "<i8"), ("sigma", "<f8"), ("bound", "u1"), ("n0", "<i8"), ("n", "<i8"), ("alpha", "<f8"),
+    ("level", "<f8"), ("sampling", "u1"), ("p_a", "<f8"), ("p_b", "<f8"), ("p_left", "<f8"),
+    ("p_right", "<f8"), ("noise_sigma", "<f8"), ("noise_tail", "<f8"),
+])
+
+
+def provenance_record(p: Provenance) -> np.ndarray:
+    """`p` as one PROVENANCE record (its job id travels separately)."""
+    nan = math.nan
+    halves = p.p_a_lower_halves or (nan, nan)
+    return np.array([(
+        -1 if p.root is None else p.root, p.sigma, BOUNDS.index(p.bound), p.n0, p.n, p.alpha, p.level,
+        SAMPLINGS.index(p.sampling), nan if p.p_a_lower is None else p.p_a_lower,
+        nan if p.p_b_upper is None else p.p_b_upper, halves[0], halves[1],
+        nan if p.noise_sigma is None else p.noise_sigma, p.noise_tail,
+    )], dtype=PROVENANCE)
+
+
+def provenance_of(record: np.void, index: int | None, job: str | None = None) -> Provenance:
+    """The Provenance of entry `index` from its PROVENANCE record (a root of -1, the entry
+    itself, becomes `index`)."""
+    def opt(name: str) -> float | None:
+        value = float(record[name])
+        return None if math.isnan(value) else value
+
+    left, right = opt("p_left"), opt("p_right")
+    root = int(record["root"])
+    return Provenance(
+        root=index if root < 0 else root, sigma=float(record["sigma"]), bound=BOUNDS[int(record["bound"])],
+        n0=int(record["n0"]), n=int(record["n"]), alpha=float(record["alpha"]), level=float(record["level"]),
+        sampling=SAMPLINGS[int(record["sampling"])], p_a_lower=opt("p_a"), p_b_upper=opt("p_b"),
+        p_a_lower_halves=None if left is None else (left, right), noise_sigma=opt("noise_sigma"),
+        noise_tail=float(record["noise_tail"]), job=job,
+    )
 
 
 @dataclass(frozen=True)
@@ -174,9 +224,17 @@ def invariant_violations(points: torch.Tensor, classes: torch.Tensor, radii: tor
 class Memory:
     """An append-only table of committed certificates for one namespace.
 
-    The namespace names the exact function the certificates are about: the model's digest
-    and the numeric mode it runs in. `capacity` bounds the table and a full table raises
-    MemoryFull rather than evicting anything.
+    The namespace names the exact function the certificates are about and their level
+    (results.memory_namespace: the model's digest, numeric mode, device type and α). Every
+    entry is a certificate at level `alpha` (None: the first certificate certified fixes it);
+    a certificate of another level is refused, so a lax certificate never answers for a
+    strict one. A certificate whose estimation used fewer than `min_n` votes is refused too
+    (an abstention committed for a few samples would shrink every later ball around it).
+    `capacity` bounds the table and a full table raises MemoryFull rather than evicting.
+
+    Each entry keeps its provenance (results.Provenance): the sampling of its root, the entry
+    whose own votes produced the ball, so that every answer names one certificate an auditor
+    can re-derive (docs/guarantees.md §2).
 
     Storage: with `dtype=None` (the default) points are kept as uint8 while every point is
     exactly float32(u)/255 (an 8-bit image), and the whole table turns float32 (4× the bytes)
@@ -190,11 +248,12 @@ class Memory:
     to skip entries whose distance provably exceeds their threshold.
     """
 
-    def __init__(self, namespace: str, dim: int, *, capacity: int | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, namespace: str, dim: int, *, alpha: float | None = None, min_n: int = 1,
+                 capacity: int | None = None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
         if dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"a memory stores points as uint8/float32 (dtype None), float32 or float64, not {dtype}")
         self.namespace, self.dim, self.capacity = namespace, dim, capacity
+        self.alpha, self.min_n = alpha, min_n
         self.device = torch.device(device)
         self.block_rows, self.scan_rows, self.first_rows = block_rows_for(dim), SCAN_ROWS, FIRST_ROWS
         # Relative error bound of every computed norm and distance, with a factor 16 to spare
@@ -205,7 +264,8 @@ class Memory:
         f64 = {"dtype": torch.float64, "device": self.device}
         self._points = torch.empty((0, dim), dtype=dtype or torch.uint8, device=self.device)
         self._classes = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._radii, self._sigmas, self._norms = (torch.empty(0, **f64) for _ in range(3))
+        self._radii, self._norms = (torch.empty(0, **f64) for _ in range(2))
+        self._provenance = np.empty(0, dtype=PROVENANCE)  # on the host: read once per answer
         self._pivots = torch.empty((0, dim), **f64)  # the values of entries 0 .. PIVOTS-1
         self._pivot_d = torch.empty((0, PIVOTS), **f64)  # [i, k]: ‖x_i − pivot_k‖
         self._pivot_norm = 0.0  # the largest pivot norm
@@ -227,9 +287,16 @@ class Memory:
     def radii(self) -> torch.Tensor:
         return self._radii[:self._n]
 
-    @property
-    def sigmas(self) -> torch.Tensor:
-        return self._sigmas[:self._n]
+    def provenance(self, index: int, job: str | None = None) -> Provenance:
+        """Entry `index`'s provenance: its root's sampling (root resolved to an index)."""
+        if not 0 <= index < self._n:
+            raise IndexError(f"memory {self.namespace} has no entry {index}")
+        return provenance_of(self._provenance[index], index, job)
+
+    def root_of(self, index: int) -> int:
+        """The root of entry `index`: itself for "new" and "shrunk" entries."""
+        root = int(self._provenance[index]["root"])
+        return index if root < 0 else root
 
     @property
     def norms(self) -> torch.Tensor:
@@ -238,8 +305,8 @@ class Memory:
     @property
     def nbytes(self) -> int:
         """Bytes held by the table's buffers (grown ahead by doubling: rows not yet used count)."""
-        return sum(t.numel() * t.element_size() for t in (
-            self._points, self._classes, self._radii, self._sigmas, self._norms, self._pivot_d, self._pivots))
+        return self._provenance.nbytes + sum(t.numel() * t.element_size() for t in (
+            self._points, self._classes, self._radii, self._norms, self._pivot_d, self._pivots))
 
     # --- queries ------------------------------------------------------------------
 
@@ -377,36 +444,40 @@ class Memory:
 
     # --- appending ----------------------------------------------------------------
 
-    def commit(self, x: torch.Tensor, prediction: int, radius: float, sigma: float) -> int:
+    def commit(self, x: torch.Tensor, prediction: int, radius: float, provenance: Provenance) -> int:
         """Append an entry the rule has cleared; returns its index."""
         if self.capacity is not None and len(self) >= self.capacity:
             raise MemoryFull(f"memory {self.namespace} holds its maximum of {self.capacity} entries")
-        self.extend(x.reshape(1, -1), [prediction], [radius], [sigma])
+        self.extend(x.reshape(1, -1), [prediction], [radius], provenance_record(provenance))
         return len(self) - 1
 
-    def extend(self, points: torch.Tensor, classes, radii, sigmas) -> None:
+    def extend(self, points: torch.Tensor, classes, radii, provenance: np.ndarray | Sequence[Provenance]) -> None:
         """Append entries committed elsewhere (a worker's copy of the shared log). `points`
-        [B, D] are floats, or uint8 standing for u/255. The caller vouches that they were
-        cleared by the rule. Non-finite points or NaN radii are refused (ValueError)."""
+        [B, D] are floats, or uint8 standing for u/255; `provenance` PROVENANCE records (or
+        Provenance objects). The caller vouches that they were cleared by the rule.
+        Non-finite points, and radii that are not finite and ≥ 0, are refused (ValueError)."""
         rows = points.reshape(points.shape[0], -1).to(self.device)
         if rows.shape[1] != self.dim:
             raise ValueError(f"memory {self.namespace} holds points of {self.dim} values, not {rows.shape[1]}")
         k, n = rows.shape[0], self._n
         c = torch.as_tensor(classes, dtype=torch.int64, device=self.device).reshape(-1)
         r = torch.as_tensor(radii, dtype=torch.float64, device=self.device).reshape(-1)
-        sg = torch.as_tensor(sigmas, dtype=torch.float64, device=self.device).reshape(-1)
-        if not c.numel() == r.numel() == sg.numel() == k:
-            raise ValueError("points, classes, radii and sigmas differ in length")
+        if not isinstance(provenance, np.ndarray):
+            provenance = np.concatenate([provenance_record(p) for p in provenance]) if len(provenance) \
+                else np.empty(0, dtype=PROVENANCE)
+        if not c.numel() == r.numel() == provenance.shape[0] == k:
+            raise ValueError("points, classes, radii and provenance differ in length")
         if k == 0:
             return
         if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
             raise ValueError(f"memory {self.namespace} refuses a point with NaN or infinite values")
-        if bool(torch.isnan(r).any()):
-            raise ValueError(f"memory {self.namespace} refuses a NaN radius")
+        if not bool((torch.isfinite(r) & (r >= 0)).all()):
+            raise ValueError(f"memory {self.namespace} refuses a radius that is not a finite number ≥ 0")
         stored = self._storable(rows)
         self._grow(n + k)
         self._points[n:n + k] = stored
-        self._classes[n:n + k], self._radii[n:n + k], self._sigmas[n:n + k] = c, r, sg
+        self._classes[n:n + k], self._radii[n:n + k] = c, r
+        self._provenance[n:n + k] = provenance
         self._index(n, n + k)
         self._n = n + k
 
@@ -443,8 +514,11 @@ class Memory:
 
         self._points = grown(self._points, (size, self.dim))
         self._classes = grown(self._classes, (size,))
-        self._radii, self._sigmas, self._norms = (grown(t, (size,)) for t in (self._radii, self._sigmas, self._norms))
+        self._radii, self._norms = (grown(t, (size,)) for t in (self._radii, self._norms))
         self._pivot_d = grown(self._pivot_d, (size, PIVOTS))
+        provenance = np.empty(size, dtype=PROVENANCE)
+        provenance[:n] = self._provenance[:n]
+        self._provenance = provenance
 
     def _retype(self, dtype: torch.dtype) -> None:
         # The whole table in `dtype`, block by block (the values, and so the norms, stay).
@@ -476,26 +550,57 @@ class Memory:
 
     def answer(self, x: torch.Tensor, template: Certificate) -> Certificate | None:
         """The certificate the memory gives for x without sampling, or None if x lies in no
-        committed ball. `template` supplies the request's parameters."""
+        committed ball. The deepest containing ball answers (docs/guarantees.md §2), with its
+        class, the radius it leaves around x, and its root's sampling; `template` supplies the
+        request's other fields."""
         hit = self.lookup(x)
         if hit is None:
             return None
         j, radius = hit
-        prediction = int(self._classes[j])
-        return template.replace(
-            prediction=None if prediction == ABSTAIN else prediction, radius=radius,
-            sigma=float(self._sigmas[j]), samples=0,
-            memory=MemoryRecord("inside", None, None, None, j),
-        )
+        return answered_from(template, int(self._classes[j]), radius, self.provenance(j), j, self.namespace)
+
+    def check_certificate(self, certificate: Certificate) -> None:
+        """Refuse (InvalidParameters) a certificate this memory must not hold: another level
+        than its α, or an estimation of fewer than `min_n` votes."""
+        if self.alpha is not None and certificate.alpha != self.alpha:
+            raise InvalidParameters(f"memory {self.namespace} holds certificates at alpha={self.alpha}, "
+                                    f"not {certificate.alpha}: a lax certificate never answers for a strict one")
+        if certificate.n < self.min_n:
+            raise InvalidParameters(f"memory {self.namespace} takes certificates of at least n={self.min_n} "
+                                    f"estimation votes, not {certificate.n}")
 
     def certify(self, x: torch.Tensor, certificate: Certificate) -> Certificate:
         """Apply the rule to a fresh certificate, commit it, and return the committed one."""
+        self.check_certificate(certificate)
+        if self.alpha is None:
+            self.alpha = certificate.alpha
         before = ABSTAIN if certificate.prediction is None else certificate.prediction
         decision = self.decide(x, before, certificate.radius)
-        entry = self.commit(x, decision.prediction, decision.radius, certificate.sigma)
-        return certificate.replace(
-            prediction=None if decision.prediction == ABSTAIN else decision.prediction,
-            radius=decision.radius,
-            memory=MemoryRecord(decision.outcome, certificate.prediction, certificate.radius,
-                                entry, decision.conflict),
-        )
+        root = self.provenance(decision.conflict) if decision.outcome == "inside" else Provenance.of(certificate)
+        entry = self.commit(x, decision.prediction, decision.radius, root)
+        return committed_certificate(certificate, decision.prediction, decision.radius, decision.outcome, entry,
+                         decision.conflict, self.provenance(entry), self.namespace)
+
+
+def answered_from(template: Certificate, prediction: int, radius: float, root: Provenance, entry: int,
+                  namespace: str) -> Certificate:
+    """A memory answer: entry `entry`'s class and the radius left around the query, reported
+    with the root's sampling (no samples spent)."""
+    return template.replace(
+        prediction=None if prediction == ABSTAIN else prediction, radius=radius, samples=0, **root.fields(),
+        memory=MemoryRecord("inside", None, None, None, entry, root=root.root, root_job=root.job,
+                            namespace=namespace),
+    )
+
+
+def committed_certificate(fresh: Certificate, prediction: int, radius: float, outcome: str, entry: int,
+                          conflict: int | None, root: Provenance, namespace: str) -> Certificate:
+    """The certificate of a committed entry: its class and radius, its root's sampling (the
+    fresh certificate's own for "new" and "shrunk"; the containing ball's root for "inside"),
+    and what this job sampled (class, radius and σ before the rule)."""
+    fields = root.fields() if outcome == "inside" else {}
+    return fresh.replace(
+        prediction=None if prediction == ABSTAIN else prediction, radius=radius, **fields,
+        memory=MemoryRecord(outcome, fresh.prediction, fresh.radius, entry, conflict, root=root.root,
+                            root_job=root.job, sigma_before=fresh.sigma, namespace=namespace),
+    )

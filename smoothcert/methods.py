@@ -2,14 +2,14 @@
 of `smoothcert.losses`, and `MethodOptions`, their settings.
 
 - gaussian: CE on one noisy copy at σ (Cohen et al. 2019).
-- feng: mean CE over k noisy copies + λ·log Ĝ_c̃ (ALGORITHMS.md §2; k=8, λ=0.1).
+- feng: mean CE over k noisy copies + λ·log Ĝ_c̃ (docs/algorithms.md §2; k=8, λ=0.1).
 - ddrs: a per-example σ table (initialised at σ, indexed by position in the training set);
   before each weight step `ddrs_steps` DDRS ascent steps (`losses.ddrs_sigma_ascent`, the
-  surrogate of ALGORITHMS.md §3 on the top two classes, as at test time) move the batch's σ
+  surrogate of docs/algorithms.md §3 on the top two classes, as at test time) move the batch's σ
   within [σ_min, σ_max]; then CE over k noisy copies at each example's σ, or
   (`ddrs_loss="macer"`) MACER's loss with per-example σ (k=8; λ=12, β=16, γ=8: MACER's
   reference defaults).
-- insta (documented reconstruction, ALGORITHMS.md §4): gaussian at σ for `stage1_epochs`
+- insta (documented reconstruction, docs/algorithms.md §4): gaussian at σ for `stage1_epochs`
   (default epochs // 2); then every example's σ is set by `sigma.insta_search` (the test-time
   multi-start search, `insta_samples` votes per σ, `insta_steps` bracketing rounds, starting
   from the example's current σ) at the start of stage 2 and every `insta_every` epochs after

@@ -1,10 +1,11 @@
 """Certified accuracy against radius, for one evaluation run or several overlaid.
 
 Each run is read from its directory (`smoothcert.evaluation`): `summary.json` for its
-parameters and grid, and `results.tsv`, when present, for the exact step curve
-(certified accuracy at r = #{correct rows with radius ≥ r} / count, at every r). matplotlib
-is imported inside the functions and drives the Agg canvas directly, never pyplot: no
-global backend is switched, no display is needed, and importing this module costs nothing.
+parameters and grid, and `results.tsv`, when present, for the step curve (certified
+accuracy at r = #{correct rows with radius ≥ r} / count, at every r). The file's radii are
+rounded down at 4 decimals, so that curve never lies above the exact one. matplotlib is
+imported inside the functions and drives the Agg canvas directly, never pyplot: no global
+backend is switched, no display is needed, and importing this module costs nothing.
 """
 
 from __future__ import annotations

@@ -8,23 +8,34 @@ on the same device gives the same record (but for `seconds`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Self
 
 from smoothcert.modes import DEFAULT as DEFAULT_NUMERIC_MODE
 
 OUTCOMES = ("new", "inside", "shrunk")
+SEED_SOURCES = ("caller", "drawn", "server")  # drawn: by the engine; server: by the service, never shown before the end
 
 
-def memory_namespace(model_digest: str, numeric_mode: str = DEFAULT_NUMERIC_MODE) -> str:
-    """The memory a certificate belongs to: one exact function, i.e. the model's content
-    digest and the numeric mode it runs in (ALGORITHMS.md §3.1)."""
-    return f"{model_digest}/{numeric_mode}"
+def memory_namespace(model_digest: str, numeric_mode: str, device_type: str, alpha: float) -> str:
+    """The memory a certificate belongs to: one exact function at one level. The function is
+    the model's content digest in a numeric mode on a device type (fp32 on a CPU and on a GPU
+    round differently: different functions); the level is α, so that a lax certificate never
+    answers for a strict one (docs/guarantees.md §2). n, n0 and the bound do not change a
+    certificate's level and stay out of it. `repr(α)` names the float exactly."""
+    return f"{model_digest}/{numeric_mode}/{device_type}/{float(alpha)!r}"
+
+
+def parse_namespace(namespace: str) -> tuple[str, str, str, float]:
+    """(digest, numeric mode, device type, α) of a `memory_namespace`."""
+    digest, mode, device, alpha = namespace.rsplit("/", 3)
+    return digest, mode, device, float(alpha)
 
 
 @dataclass(frozen=True)
 class SigmaSearchRecord:
-    """How a per-input σ was chosen (ALGORITHMS.md §3, §4)."""
+    """How a per-input σ was chosen (docs/algorithms.md §3, §4)."""
 
     method: str  # "ddrs" or "insta"
     sigma0: float
@@ -39,14 +50,59 @@ class SigmaSearchRecord:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """The sampling that produced a committed ball: the root certificate (a "new" or
+    "shrunk" entry, whose own votes gave the radius the ball was cut from). An "inside" entry
+    carries its root's provenance, so every answer can be re-derived from one sampling run:
+    radius ≤ noise_sigma·Φ⁻¹(p_a_lower) (cohen; two_sided and drs by their own formulas) at
+    level `level`, minus the distance from the root's point."""
+
+    root: int | None  # the root entry's index; None until committed (a fresh certificate)
+    sigma: float
+    bound: str
+    n0: int
+    n: int
+    alpha: float  # the certificate's level (the memory's α)
+    level: float  # the level of the bound that gave the radius: α, or a sequential look's share
+    sampling: str
+    p_a_lower: float | None = None
+    p_b_upper: float | None = None
+    p_a_lower_halves: tuple[float, float] | None = None
+    noise_sigma: float | None = None
+    noise_tail: float = 0.0
+    job: str | None = None  # the service job that sampled it (None in the engine)
+
+    @classmethod
+    def of(cls, cert: Certificate, root: int | None = None, job: str | None = None) -> Provenance:
+        """The provenance of a fresh certificate's own sampling."""
+        return cls(root=root, sigma=cert.sigma, bound=cert.bound, n0=cert.n0, n=cert.n, alpha=cert.alpha,
+                   level=cert.look_alpha if cert.look_alpha is not None else cert.alpha, sampling=cert.sampling,
+                   p_a_lower=cert.p_a_lower, p_b_upper=cert.p_b_upper, p_a_lower_halves=cert.p_a_lower_halves,
+                   noise_sigma=cert.noise_sigma, noise_tail=cert.noise_tail, job=job)
+
+    def fields(self) -> dict[str, Any]:
+        """The Certificate fields this provenance fills (an answer reports its root's sampling)."""
+        return dict(sigma=self.sigma, bound=self.bound, n0=self.n0, n=self.n, alpha=self.alpha,
+                    sampling=self.sampling, look_alpha=self.level if self.sampling == "sequential" else None,
+                    p_a_lower=self.p_a_lower, p_b_upper=self.p_b_upper, p_a_lower_halves=self.p_a_lower_halves,
+                    noise_sigma=self.noise_sigma, noise_tail=self.noise_tail, n_a=None, n_a_halves=None,
+                    runner_up=None, n_max=None, tolerance=None, target_radius=None, search=None)
+
+
+@dataclass(frozen=True)
 class MemoryRecord:
-    """What the memory rule (ALGORITHMS.md §3.1) did to a fresh certificate."""
+    """What the memory rule (docs/algorithms.md §3.1) did to a fresh certificate, or that the
+    memory answered without sampling ("inside" with entry None)."""
 
     outcome: str  # "new", "inside" or "shrunk"
     prediction_before: int | None  # the fresh certificate's class (None: abstained or no sampling)
     radius_before: float | None  # the fresh certificate's radius; None when answered from memory
     entry: int | None  # index of the committed entry; None when answered from the memory
-    conflict: int | None  # index of the entry that decided "inside" or "shrunk"
+    conflict: int | None  # the entry that decided "inside" or "shrunk", or whose ball answered
+    root: int | None = None  # the entry whose own sampling produced the ball (docs/guarantees.md §2)
+    root_job: str | None = None  # the service job of that entry
+    sigma_before: float | None = None  # this job's own σ, when it sampled
+    namespace: str | None = None  # the memory (model digest/numeric mode/device/α)
 
 
 class _Answer:
@@ -104,8 +160,18 @@ class Certificate(_Answer):
     tolerance: float | None = None  # adaptive: expected radius loss allowed, in units of σ
     target_radius: float | None = None  # sequential: the radius at which sampling stops
     look_alpha: float | None = None  # sequential: the level of the look whose bound is given
+    noise_sigma: float | None = None  # the σ the radius used: min(σ, σ as the noise dtype holds it)
+    noise_tail: float = 0.0  # Gaussian mass the noise generator cannot draw, taken off the bounds
+    seed_source: str | None = None  # "caller", "drawn" (by the engine) or "server"
     samples: int = 0  # forward passes spent in all (search + n0 + n)
     seconds: float = 0.0
+
+    def __post_init__(self):
+        # The one promise no code path may break: a radius is a finite number ≥ 0.
+        if not (isinstance(self.radius, (int, float)) and math.isfinite(self.radius) and self.radius >= 0):
+            raise ValueError(f"a certificate's radius must be finite and ≥ 0, got {self.radius!r}")
+        if self.prediction is None and self.radius != 0:
+            raise ValueError("an abstention has radius 0")
 
 
 @dataclass(frozen=True)
@@ -127,5 +193,6 @@ class Prediction(_Answer):
     bound: str = "binomial"
     model_digest: str | None = None
     numeric_mode: str = DEFAULT_NUMERIC_MODE
+    seed_source: str | None = None  # "caller", "drawn" (by the engine) or "server"
     samples: int = 0
     seconds: float = 0.0

@@ -1,4 +1,4 @@
-"""The settings of a per-input σ search, as a request states them (ALGORITHMS.md §3, §4).
+"""The settings of a per-input σ search, as a request states them (docs/algorithms.md §3, §4).
 
 Torch-free, so the API can validate a request's `sigma_search` with the engine's own rules.
 """

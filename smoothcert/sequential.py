@@ -1,5 +1,5 @@
 """Sequential sampling toward a target radius: stop as soon as the outcome is decided, with
-the 1−α guarantee kept over a fixed schedule of looks (ALGORITHMS.md §7).
+the 1−α guarantee kept over a fixed schedule of looks (docs/algorithms.md §7).
 
 CERTIFY with `sampling="sequential"` and a target radius r* treats the request's `n` as a
 maximum, n_max:
@@ -65,6 +65,7 @@ class Schedule:
     sizes: tuple[int, ...]  # cumulative estimation sizes, ascending; the last is n_max
     alphas: tuple[float, ...]  # each look's level; 0 for a futility-only look; sum = α
     target_margin: float  # r*/σ
+    tail: float = 0.0  # the noise tail the bounds account for (smoothcert.noise)
 
 
 def check_target(sampling: str, target_radius: float | None) -> float | None:
@@ -84,10 +85,13 @@ def check_target(sampling: str, target_radius: float | None) -> float | None:
     return float(target_radius)
 
 
-def schedule(bound: str, *, n_max: int, alpha: float, target_margin: float, num_classes: int) -> Schedule:
-    """The looks for a target margin r*/σ. See the module docstring for the spending rule."""
+def schedule(bound: str, *, n_max: int, alpha: float, target_margin: float, num_classes: int,
+             tail: float = 0.0, first_look: int = FIRST_LOOK) -> Schedule:
+    """The looks for a target margin r*/σ. See the module docstring for the spending rule.
+    No look is smaller than `first_look` (a memory's minimum n for commits raises it), so
+    sampling never stops before that many votes."""
     sizes = [n_max]
-    while (size := n_max >> len(sizes)) >= FIRST_LOOK:
+    while (size := n_max >> len(sizes)) >= max(FIRST_LOOK, first_look):
         sizes.append(size)
     sizes.reverse()
     earlier = sizes[:-1]
@@ -96,13 +100,13 @@ def schedule(bound: str, *, n_max: int, alpha: float, target_margin: float, num_
     spenders = 0
     for m in range(len(earlier), 0, -1):
         share = (1.0 - FINAL_SHARE) * alpha / m
-        if _reaches(bound, earlier[-m], share, target_margin, num_classes):
+        if _reaches(bound, earlier[-m], share, target_margin, num_classes, tail):
             spenders = m
             break
     final = alpha if spenders == 0 else FINAL_SHARE * alpha
     share = (alpha - final) / spenders if spenders else 0.0
     alphas = [0.0] * (len(earlier) - spenders) + [share] * spenders + [final]
-    return Schedule(sizes=tuple(sizes), alphas=tuple(alphas), target_margin=float(target_margin))
+    return Schedule(sizes=tuple(sizes), alphas=tuple(alphas), target_margin=float(target_margin), tail=tail)
 
 
 def futile(bound: str, c_a: int, counts: Sequence[np.ndarray], plan: Schedule) -> bool:
@@ -119,13 +123,13 @@ def futile(bound: str, c_a: int, counts: Sequence[np.ndarray], plan: Schedule) -
     else:  # cohen: pA; drs: pA of each half
         nodes = tuple(bounds.cp_upper(int(c[c_a]), n, FUTILITY_LEVEL) for c in counts)
     certifies, margin = margin_at(bound, tuple(np.array([p]) for p in nodes), float(plan.sizes[-1]),
-                                  plan.alphas[-1], len(counts[0]) - 1)
+                                  plan.alphas[-1], len(counts[0]) - 1, plan.tail)
     return not (bool(certifies[0]) and float(margin[0]) >= plan.target_margin)
 
 
-def _reaches(bound: str, n: int, alpha: float, target_margin: float, num_classes: int) -> bool:
+def _reaches(bound: str, n: int, alpha: float, target_margin: float, num_classes: int, tail: float = 0.0) -> bool:
     """Whether n votes, all for cA, give a margin ≥ target at level α."""
     nodes = (np.ones(1), np.zeros(1)) if bound == "two_sided" else \
         (np.ones(1),) * (2 if bound == "drs" else 1)
-    certifies, margin = margin_at(bound, nodes, float(n), alpha, num_classes - 1)
+    certifies, margin = margin_at(bound, nodes, float(n), alpha, num_classes - 1, tail)
     return bool(certifies[0]) and float(margin[0]) >= target_margin

@@ -3,7 +3,7 @@
 Guarantees: the σ found lies in the model's [σ_min, σ_max]; the search draws its own noise
 from the run's generator before any certification sample, so the samples that choose σ are
 never reused to estimate pA; the settings and the samples spent are returned as a record.
-A certificate at a searched σ is sound only through the memory (ALGORITHMS.md §3.1).
+A certificate at a searched σ is sound only through the memory (docs/algorithms.md §3.1).
 """
 
 from __future__ import annotations

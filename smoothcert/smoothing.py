@@ -3,7 +3,7 @@
 `certify` returns, with probability ≥ 1−α over its sampling, a class cA and radius R such
 that the smoothed classifier g(x+δ) = cA for all ‖δ‖₂ < R, or an abstention. `predict`
 returns a class other than g(x) with probability at most α. Abstention is a value
-(`prediction is None`), never an exception. See ALGORITHMS.md §1 (cohen) and §2 (two_sided).
+(`prediction is None`), never an exception. See docs/algorithms.md §1 (cohen) and §2 (two_sided).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smoothcert import adaptive, bounds, sequential
+from smoothcert import adaptive, bounds, noise, sequential
 from smoothcert.results import Certificate, Prediction
 from smoothcert.sampling import (
     CancelCheck,
@@ -45,6 +45,18 @@ def seeded(seed: int | None, generator: torch.Generator | None, device) -> tuple
     return seed, make_generator(seed, device)
 
 
+def seed_source(seed: int | None, generator: torch.Generator | None) -> str:
+    """Who chose the noise: "caller" (a seed or generator was given) or "drawn" (here)."""
+    return "caller" if seed is not None or generator is not None else "drawn"
+
+
+def noise_terms(x: torch.Tensor, sigma: float, views: int = 1) -> tuple[float, float]:
+    """(σ the noise has, its tail mass per view) for noise drawn like `x` (smoothcert.noise):
+    what every bound and radius of a certificate on `x` must use."""
+    return (noise.sigma_used(sigma, x.dtype),
+            noise.tail_mass(x.device.type, x.dtype, x.numel() // views, x.numel()))
+
+
 def select(networks, views, x, sigma, n0, *, progress: StageProgress | None = None,
            **sample) -> tuple[int, list[np.ndarray]]:
     """The selection sample: cA = argmax of n0 votes summed over the networks, and the counts."""
@@ -71,6 +83,8 @@ def estimate_votes(
     target_radius: float | None,
     estimate: Estimate,
     num_classes: int,
+    tail: float = 0.0,
+    n_floor: int = 0,
     **sample,
 ) -> tuple[int, float | None, dict]:
     """Selection and estimation under any sampling rule: (cA, radius or None, the
@@ -78,18 +92,21 @@ def estimate_votes(
 
     fixed and adaptive: one estimation of n (adaptive: chosen from the selection sample) at α.
     sequential: the looks of smoothcert.sequential, each bound at its own level; the
-    largest radius of any look, with that look's n and level."""
+    largest radius of any look, with that look's n and level. `tail` is the noise tail the
+    bounds take off (planning uses it too); `n_floor` is the smallest estimation size adaptive
+    and sequential sampling may stop at (a memory's minimum n for commits)."""
     progress = sample.pop("progress", None)
     c_a, counts0 = select(networks, views, x, sigma, n0, progress=progress, num_classes=num_classes, **sample)
     if sampling == "sequential":
         plan = sequential.schedule(bound, n_max=n, alpha=alpha, target_margin=target_radius / sigma,
-                                   num_classes=num_classes)
+                                   num_classes=num_classes, tail=tail, first_look=n_floor)
         radius, fields, drawn = look_by_look(networks, views, x, sigma, c_a, plan, target_radius, bound=bound,
                                              estimate=estimate, num_classes=num_classes, progress=progress,
                                              **sample)
         return c_a, radius, dict(fields, samples=n0 + drawn)
     if sampling == "adaptive":  # n from the selection counts alone, before any estimation vote
-        n = adaptive.plan(bound, c_a, counts0, n_max=n, alpha=alpha, tolerance=tolerance).n
+        n = adaptive.plan(bound, c_a, counts0, n_max=n, alpha=alpha, tolerance=tolerance, tail=tail,
+                          n_floor=n_floor).n
     # Fresh votes, never the selection's.
     counts = sample_counts_multi(networks, views, x, sigma, n, num_classes=num_classes,
                                  progress=stage(progress, "estimation"), **sample)
@@ -153,6 +170,7 @@ def certify(
     generator: torch.Generator | None = None,
     progress: StageProgress | None = None,
     cancel: CancelCheck | None = None,
+    n_floor: int = 0,
 ) -> Certificate:
     """CERTIFY: select cA on n0 samples, bound its probability on n fresh samples.
 
@@ -164,36 +182,41 @@ def certify(
     sampling="sequential": n is a maximum; votes are drawn in looks until the radius reaches
     `target_radius` or cannot (smoothcert.sequential); each look's bound at its own share
     of α, recorded as look_alpha.
+    Every bound is about exact Gaussian noise: the noise tail the generator cannot draw is
+    taken off (`noise_tail`), and the radius uses the σ the noise had (`noise_sigma`).
+    `n_floor`: no adaptive or sequential estimation smaller than this (a memory's minimum).
     `x` has the model's input shape and lives on the model's device.
     """
     if bound not in ("cohen", "two_sided"):
         raise bounds.InvalidParameters(f"certify takes bound cohen or two_sided, got {bound!r}")
-    bounds.check_certify(n0, n, alpha, batch_size, bound)
+    bounds.check_sigma(sigma)
+    noise_sigma, tail = noise_terms(x, sigma)
+    bounds.check_certify(n0, n, alpha, batch_size, bound, tail)
     tolerance = adaptive.check_sampling(sampling, tolerance)
     target_radius = sequential.check_target(sampling, target_radius)
-    bounds.check_sigma(sigma)
     started = time.perf_counter()
+    source = seed_source(seed, generator)
     seed, generator = seeded(seed, generator, x.device)
 
     def estimate(c_a: int, counts: list[np.ndarray], level: float) -> tuple[float | None, dict]:
         (votes,) = counts
         n_a = int(votes[c_a])
         if bound == "cohen":
-            p_a_lower = bounds.cohen_bound(n_a, int(votes.sum()), level)
-            return bounds.cohen_radius(sigma, p_a_lower), dict(n_a=n_a, p_a_lower=p_a_lower)
-        p_a_lower, p_b_upper, c_b = bounds.two_sided_bound(votes.tolist(), c_a, level)
-        return (bounds.two_sided_radius(sigma, p_a_lower, p_b_upper),
+            p_a_lower = bounds.cohen_bound(n_a, int(votes.sum()), level, tail)
+            return bounds.cohen_radius(noise_sigma, p_a_lower), dict(n_a=n_a, p_a_lower=p_a_lower)
+        p_a_lower, p_b_upper, c_b = bounds.two_sided_bound(votes.tolist(), c_a, level, tail)
+        return (bounds.two_sided_radius(noise_sigma, p_a_lower, p_b_upper),
                 dict(n_a=n_a, p_a_lower=p_a_lower, p_b_upper=p_b_upper, runner_up=c_b))
 
     c_a, radius, fields = estimate_votes(
         [classifier], [identity], x, sigma, n0=n0, n=n, alpha=alpha, bound=bound, sampling=sampling,
         tolerance=tolerance, target_radius=target_radius, estimate=estimate, num_classes=num_classes,
-        batch_size=batch_size, generator=generator, progress=progress, cancel=cancel,
+        tail=tail, n_floor=n_floor, batch_size=batch_size, generator=generator, progress=progress, cancel=cancel,
     )
     return issue(
         c_a, radius, sigma=float(sigma), bound=bound, n0=n0, alpha=alpha, batch_size=batch_size, seed=seed,
-        sampling=sampling, n_max=n, tolerance=tolerance, target_radius=target_radius,
-        seconds=time.perf_counter() - started, **fields,
+        sampling=sampling, n_max=n, tolerance=tolerance, target_radius=target_radius, noise_sigma=noise_sigma,
+        noise_tail=tail, seed_source=source, seconds=time.perf_counter() - started, **fields,
     )
 
 
@@ -216,6 +239,7 @@ def predict(
     bounds.check_predict(n, alpha, batch_size)
     bounds.check_sigma(sigma)
     started = time.perf_counter()
+    source = seed_source(seed, generator)
     seed, generator = seeded(seed, generator, x.device)
     counts = sample_counts(
         classifier, x, sigma, n, num_classes=num_classes, batch_size=batch_size,
@@ -227,5 +251,5 @@ def predict(
     return Prediction(
         prediction=None if p_value > alpha else int(top2[0]),
         sigma=float(sigma), n=n, alpha=alpha, batch_size=batch_size, seed=seed,
-        n1=n1, n2=n2, p_value=p_value, samples=n, seconds=time.perf_counter() - started,
+        n1=n1, n2=n2, p_value=p_value, seed_source=source, samples=n, seconds=time.perf_counter() - started,
     )

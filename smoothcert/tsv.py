@@ -6,6 +6,13 @@ outcome and the radius before the rule. `predict` is -1 for an abstention; label
 are NA when the input has no label. The first six columns are those of Cohen et al.'s
 `certify.py`, so their analysis scripts read these files unchanged.
 
+Rounding never overstates a certificate (`smoothcert.rounding`, exact decimal rounding):
+`radius` and `radius_before` are rounded down at 4 decimals, the lower bounds (`pA_lower`,
+`pA_lower_left`, `pA_lower_right`) down and `pB_upper` up at 6 decimals. So the printed
+number, and the float nearest to it, is never larger than the certified radius, and balls
+the memory shrank to touch never intersect in the file. `sigma` is printed exactly (the
+shortest text that reads back as the same float), so an auditor can re-derive the radius.
+
 Torch-free: plotting and the API read these files without loading the engine.
 """
 
@@ -16,6 +23,7 @@ import os
 from typing import TextIO
 
 from smoothcert.results import Certificate
+from smoothcert.rounding import ceil_text, floor_text
 
 BOUND_COLUMNS = {
     "cohen": ("pA_lower",),
@@ -37,13 +45,13 @@ def row(idx: int, label: int | None, cert: Certificate, memory: bool, sampling: 
     """One certificate as the fields of `columns(cert.bound, memory, sampling)`."""
     predict = -1 if cert.abstained else cert.prediction
     correct = None if label is None else int(predict == label)
-    values = [str(idx), _na(label), str(predict), f"{cert.radius:.4f}", _na(correct),
-              f"{cert.seconds:.3f}", f"{cert.sigma:.4f}", *_bound_values(cert), str(cert.seed)]
+    values = [str(idx), _na(label), str(predict), floor_text(cert.radius, 4), _na(correct),
+              f"{cert.seconds:.3f}", repr(float(cert.sigma)), *_bound_values(cert), str(cert.seed)]
     if sampling != "fixed":
         values.append(str(cert.n))
     if memory:
         record = cert.memory
-        values += [_na(record and record.outcome), _na(record and record.radius_before, "{:.4f}")]
+        values += [_na(record and record.outcome), floor_text(record and record.radius_before, 4)]
     return values
 
 
@@ -69,14 +77,14 @@ def read(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def _bound_values(cert: Certificate) -> list[str]:
+    # Lower bounds round down, the upper bound up: a printed bound is never tighter than the certified one.
     if cert.bound == "drs":
-        values = cert.p_a_lower_halves or (None, None)
-    elif cert.bound == "two_sided":
-        values = (cert.p_a_lower, cert.p_b_upper)
-    else:
-        values = (cert.p_a_lower,)
-    return [_na(v, "{:.6f}") for v in values]
+        left, right = cert.p_a_lower_halves or (None, None)
+        return [floor_text(left, 6), floor_text(right, 6)]
+    if cert.bound == "two_sided":
+        return [floor_text(cert.p_a_lower, 6), ceil_text(cert.p_b_upper, 6)]
+    return [floor_text(cert.p_a_lower, 6)]
 
 
-def _na(value, fmt: str = "{}") -> str:
-    return "NA" if value is None else fmt.format(value)
+def _na(value) -> str:
+    return "NA" if value is None else str(value)

@@ -1,6 +1,10 @@
-"""A private redis-server on a free port, with append-only persistence as in production: the
-test session's server (conftest.py), and the servers the outage tests stop and start again on
-the same port."""
+"""A private redis-server on a free port, configured as in production (service.up.redis_command:
+append-only, fsynced before every reply, no eviction): the test session's server (conftest.py),
+and the servers the outage tests stop and start again on the same port.
+
+Its data stays under pytest's tmp_path, on disk: `appendfsync always` there slowed the service
+tests by about a tenth and the worker tests not measurably (BENCHMARKS.md, section 5), too
+little for a tmpfs folder."""
 
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ class RedisServer:
     """redis-server on a free port, state in `folder`; `stop()` (SIGTERM: it writes its
     append-only file) and `start()` again reload it."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *extra: str, config_file: Path | None = None):
+        """`extra`: more redis-server options, after (so overriding) redis_command's;
+        `config_file`: a redis.conf read first (for directives the command line may refuse)."""
         self.folder = folder
+        self.extra, self.config_file = extra, config_file
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
@@ -28,8 +35,10 @@ class RedisServer:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         assert binary is not None, "redis-server is not on the PATH"
-        self.proc = subprocess.Popen(redis_command(binary, self.port, self.folder, "127.0.0.1", "--save", ""),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        command = redis_command(binary, self.port, self.folder, "127.0.0.1", "--save", "", *self.extra)
+        if self.config_file is not None:
+            command.insert(1, str(self.config_file))  # redis-server takes it as its first argument only
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 20
         while True:

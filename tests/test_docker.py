@@ -195,9 +195,16 @@ def test_compose_has_the_services_and_their_dockerfiles_exist(services):
 
 
 def test_redis_persists_and_never_evicts(compose, services):
+    from service.up import redis_command
+
     redis = services["redis"]
-    command = " ".join(command_of(redis))
-    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    command = command_of(redis)
+    # fsync before every reply: an acknowledged memory commit survives a crash (service/durability.py).
+    durable = {"--appendonly": "yes", "--appendfsync": "always", "--maxmemory-policy": "noeviction"}
+    assert {name: option(command, name) for name in durable} == durable
+    # `smoothcert up`, the benchmarks and the tests start the same server.
+    local = redis_command("redis-server", 6379, Path("/data"))
+    assert {name: option(local, name) for name in durable} == durable
     volume, _, target = redis["volumes"][0].partition(":")
     assert target == "/data" and volume in compose["volumes"]  # a named volume, not a bind
     assert "redis-cli" in healthcheck_text(redis)

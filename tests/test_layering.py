@@ -1,4 +1,4 @@
-"""Dependencies point one way (STYLE.md): the engine imports nothing from the service,
+"""Dependencies point one way (ARCHITECTURE.md): the engine imports nothing from the service,
 the workers or the clients, nor their frameworks; torch-free modules stay torch-free."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def test_python_example_runs(tmp_path):
     save_bundle(tmp_path / "b", spec, build_architecture("digits_cnn", (1, 8, 8), 10).eval(), fmt="state_dict")
     code = block.replace("path/to/bundle", str(tmp_path / "b")).replace("n=100_000", "n=2_000")
     code = code.replace("SigmaSearch(\"ddrs\")", "SigmaSearch(\"ddrs\", steps=3)")
-    code = code.replace("memory=memory, seed=7)", "memory=memory, seed=7, n=2_000)")
+    code = code.replace("memory=memory, alpha=0.001)", "memory=memory, alpha=0.001, n=2_000)")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
     assert scope["cert"].memory.outcome in ("new", "inside", "shrunk")

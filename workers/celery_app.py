@@ -13,12 +13,18 @@ workers/tasks.py) and acknowledge their messages once they end.
 
 from __future__ import annotations
 
+import logging
+
+import redis
 from celery import Celery, signals
 from kombu.transport import redis as kombu_redis
 
 from service.config import get_settings
+from service.durability import MemoryUnavailable, durability_problems
 from service.queue import QUEUES, broker_options
 from workers.heartbeat import start_heartbeat
+
+log = logging.getLogger(__name__)
 
 
 class _Channel(kombu_redis.Channel):
@@ -83,3 +89,19 @@ def _heartbeat_in_pool_process(sender=None, **_) -> None:
 def _heartbeat_in_main_process(sender=None, **_) -> None:
     # solo and threads pools run jobs in the main process, which sends no worker_process_init.
     start_heartbeat(str(sender.hostname), settings)
+
+
+@signals.worker_ready.connect
+def _say_whether_the_memory_is_durable(sender=None, **_) -> None:
+    # Checked again before every memory job (workers.runtime); said once at start so that an
+    # operator reads it in the worker's log before the first job fails with memory_unavailable.
+    try:
+        problems = durability_problems(redis.Redis.from_url(settings.redis_url, socket_timeout=5),
+                                       check=settings.memory_durability_check)
+    except redis.RedisError as exc:
+        log.warning("could not check whether Redis keeps memory commits (%s); checked again per job", exc)
+        return
+    if problems:
+        log.warning("the certificate memory is refused on this Redis: %s", MemoryUnavailable(problems))
+    else:
+        log.info("Redis keeps memory commits (appendonly, appendfsync always, noeviction, master)")

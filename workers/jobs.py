@@ -3,8 +3,9 @@ directly).
 
 Guarantees of `run_job`:
 - a job that has already ended (a redelivered task, a cancel while queued) is not run again;
-- the job ends exactly once (the store's compare-and-set), with the result in DESIGN.md's
+- the job ends exactly once (the store's compare-and-set), with the result in docs/api.md's
   shape or an error `{"code", "message"}`: invalid_request, bad_model, memory_full,
+  memory_quota, memory_unavailable (Redis would not keep a commit: service.durability),
   time_limit, internal (traceback logged, never sent), or cancelled; a Redis outage that
   outlasts the store's retries is raised, the job left unended for redelivery;
 - a cancel flag stops the engine within one batch; progress is written at most
@@ -29,16 +30,19 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service.config import Settings
+from service.durability import MemoryUnavailable
 from service.store import JobRecord, Store
 from smoothcert.bounds import InvalidParameters
 from smoothcert.bundle import BundleError
 from smoothcert.data import Dataset
 from smoothcert.evaluation import EvaluationRun, evaluate, write_run
+from smoothcert.guarantees import guarantee
 from smoothcert.memory import MemoryFull
 from smoothcert.results import Certificate, Prediction
 from smoothcert.sampling import Cancelled
 from smoothcert.search import SigmaSearch
 from workers.runtime import LoadedModel, ModelRuntime
+from workers.shared_memory import MemoryQuota
 
 log = logging.getLogger(__name__)
 
@@ -109,27 +113,38 @@ def _label(model: LoadedModel, prediction: int | None) -> str | None:
     return None if prediction is None else model.certifier.spec.labels[prediction]
 
 
+def _index(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
 def certification_result(cert: Certificate, job: JobRecord, model: LoadedModel, memory: bool) -> dict:
-    """DESIGN.md's result, plus the fields that make the certificate auditable."""
+    """docs/api.md's result: the certificate and every field that makes it auditable. An
+    answer of the memory reports its root's sampling (σ, bound, n0, n, α, bounds) and names
+    the root entry and job; `guarantee` says in words what it promises."""
     m = cert.memory
     record = {"used": False}
     if memory and m is not None:
-        record = {"used": True, "outcome": m.outcome,
-                  "entry": None if m.entry is None else str(m.entry),
-                  "radius_before": m.radius_before,
-                  # the entry that decided "inside"/"shrunk", or whose ball answered
-                  "conflict": None if m.conflict is None else str(m.conflict)}
+        record = {"used": True, "outcome": m.outcome, "namespace": m.namespace,
+                  "entry": _index(m.entry),  # the entry this job committed (None: answered from the memory)
+                  "conflict": _index(m.conflict),  # the entry that decided "inside"/"shrunk", or whose ball answered
+                  "root": _index(m.root), "root_job": m.root_job,  # the entry whose own sampling produced the ball
+                  "prediction_before": m.prediction_before, "radius_before": m.radius_before,
+                  "sigma_before": m.sigma_before}
+    seed_source = job.request.get("seed_source", cert.seed_source)
     return {
         "prediction": cert.prediction, "label": _label(model, cert.prediction),
         "abstained": cert.abstained, "radius": cert.radius, "sigma": cert.sigma,
         "p_a_lower": cert.p_a_lower, "bound": cert.bound, "n0": cert.n0, "n": cert.n,
         "alpha": cert.alpha, "sampling": cert.sampling, "n_max": cert.n_max, "tolerance": cert.tolerance,
-        "target_radius": cert.target_radius, "look_alpha": cert.look_alpha,
+        "target_radius": cert.target_radius, "look_alpha": cert.look_alpha, "n_a": cert.n_a,
         "memory": record,
+        "guarantee": guarantee(cert, memory=memory, seed_source=seed_source),
         "model": {"name": job.model, "digest": cert.model_digest or job.digest},
-        "seed": cert.seed, "numeric_mode": cert.numeric_mode, "batch_size": cert.batch_size,
-        "p_b_upper": cert.p_b_upper,
+        "seed": cert.seed, "seed_source": seed_source, "numeric_mode": cert.numeric_mode,
+        "batch_size": cert.batch_size, "p_b_upper": cert.p_b_upper,
         "p_a_lower_halves": list(cert.p_a_lower_halves) if cert.p_a_lower_halves else None,
+        "n_a_halves": list(cert.n_a_halves) if cert.n_a_halves else None,
+        "noise_sigma": cert.noise_sigma, "noise_tail": cert.noise_tail,
         "search": dataclasses.asdict(cert.search) if cert.search else None,
         "samples": cert.samples, "seconds": cert.seconds,
     }
@@ -140,6 +155,7 @@ def prediction_result(pred: Prediction, job: JobRecord, model: LoadedModel) -> d
         "prediction": pred.prediction, "label": _label(model, pred.prediction),
         "abstained": pred.abstained, "n": pred.n, "alpha": pred.alpha, "sigma": pred.sigma,
         "p_value": pred.p_value, "counts": [pred.n1, pred.n2], "seed": pred.seed,
+        "seed_source": job.request.get("seed_source", pred.seed_source),
         "model": {"name": job.model, "digest": pred.model_digest or job.digest},
         "numeric_mode": pred.numeric_mode, "batch_size": pred.batch_size,
         "samples": pred.samples, "seconds": pred.seconds,
@@ -220,7 +236,8 @@ def execute(store: Store, runtime: ModelRuntime, job: JobRecord,
         return prediction_result(pred, job, model), Answer(pred.samples, pred.seconds, pred.abstained)
     memory = bool(req.get("memory", False))
     cert = model.certify(
-        x, job.id, memory=memory, on_commit=lambda spent: store.set_progress(job.id, "memory", spent, spent),
+        x, job.id, memory=memory, owner=job.owner,
+        on_commit=lambda spent: store.set_progress(job.id, "memory", spent, spent),
         sigma_search=sigma_search_of(req.get("sigma_search")),
         **_present(req, "sigma", "bound", "n0", "n", "alpha", "sampling", "tolerance",
                    "target_radius", "batch_size", "seed"), **common,
@@ -251,6 +268,10 @@ def run_job(store: Store, runtime: ModelRuntime, job_id: str, settings: Settings
         error = {"code": "bad_model", "message": str(e)}
     except MemoryFull as e:
         error = {"code": "memory_full", "message": str(e)}
+    except MemoryQuota as e:
+        error = {"code": "memory_quota", "message": str(e)}
+    except MemoryUnavailable as e:
+        error = {"code": "memory_unavailable", "message": str(e)}
     except (SoftTimeLimitExceeded, JobTimeLimit):
         progress.flush()
         error = {"code": "time_limit",

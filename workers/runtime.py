@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from service.config import Settings
+from service.durability import DurabilityGuard
 from service.store import Store
 from smoothcert.batching import BatchScheduler
+from smoothcert.bounds import InvalidParameters
 from smoothcert.bundle import BundleError, load_bundle
 from smoothcert.certifier import Certifier, default_device
 from smoothcert.modes import canonical_mode
@@ -39,14 +41,16 @@ MAX_MODELS = 4  # (bundle, numeric mode) pairs cached per process; least recentl
 
 
 class LoadedModel:
-    """One bundle in one numeric mode on this process's device, with its shared-memory copy."""
+    """One bundle in one numeric mode on this process's device, with its shared-memory copies
+    (one per α of `memory_alphas`, made on first use)."""
 
     def __init__(self, digest: str, store: Store, settings: Settings, *, numeric_mode: str = "fp32",
-                 scheduler: BatchScheduler | None = None):
+                 scheduler: BatchScheduler | None = None, durability: DurabilityGuard | None = None):
         self.digest, self.store, self.settings = digest, store, settings
-        self.numeric_mode, self.scheduler = numeric_mode, scheduler
+        self.numeric_mode, self.scheduler, self.durability = numeric_mode, scheduler, durability
         self.certifier: Certifier | None = None
-        self.memory: SharedMemory | None = None
+        self.memories: dict[float, SharedMemory] = {}
+        self._memories_lock = threading.Lock()
 
     @property
     def ready(self) -> bool:
@@ -61,24 +65,41 @@ class LoadedModel:
         device = torch.device(self.settings.device) if self.settings.device else default_device()
         certifier = Certifier(load_bundle(data, device=device), device=device, numeric_mode=self.numeric_mode)
         if certifier.bundle.digest != self.digest:
-            # The registry and the certificate must name the same digest (DESIGN.md).
+            # The registry and the certificate must name the same digest (docs/bundles.md).
             log.warning("bundle stored as %s has content digest %s", self.digest, certifier.bundle.digest)
         certifier.warm_up()
         if self.scheduler is not None:
             certifier.route_through(self.scheduler)
         log.info("model %s (%s) on %s: batch size %d, merged passes up to %d rows", self.digest,
                  certifier.numeric_mode, device, certifier.batch.rows, certifier.batch.max_rows)
-        self.memory = SharedMemory(
-            self.store, certifier.namespace, math.prod(certifier.spec.input_shape),
-            capacity=self.settings.memory_capacity, device=certifier.device,
-        )
         self.certifier = certifier
 
-    def certify(self, x: np.ndarray, job_id: str, *, memory: bool,
+    def memory(self, alpha: float) -> SharedMemory:
+        """This model's shared memory at level α (one of the settings' `memory_alphas`)."""
+        if alpha not in self.settings.memory_alphas:
+            raise InvalidParameters(
+                f"alpha: with the memory on, alpha must be one of "
+                f"{', '.join(map(repr, self.settings.memory_alphas))} (SMOOTHCERT_MEMORY_ALPHAS), got {alpha!r}")
+        with self._memories_lock:
+            if alpha not in self.memories:
+                s, certifier = self.settings, self.certifier
+                self.memories[alpha] = SharedMemory(
+                    self.store, certifier.memory_namespace(alpha), math.prod(certifier.spec.input_shape),
+                    capacity=s.memory_capacity, min_n=s.memory_min_n, quota=s.memory_quota_per_key,
+                    device=certifier.device,
+                )
+            return self.memories[alpha]
+
+    def certify(self, x: np.ndarray, job_id: str, *, memory: bool, owner: str | None = None,
                 on_commit: Callable[[int], None] | None = None, **kwargs) -> Certificate:
-        """Certifier.certify, through the shared memory when `memory` is set."""
+        """Certifier.certify, through the shared memory when `memory` is set: only on a Redis
+        that keeps acknowledged commits (service.durability), else MemoryUnavailable."""
         if memory:
-            return certify_with_memory(self.certifier, self.memory, x, job_id, on_commit=on_commit, **kwargs)
+            if self.durability is not None:
+                self.durability.require()
+            shared = self.memory(kwargs.get("alpha", 0.001))
+            return certify_with_memory(self.certifier, shared, x, job_id, on_commit=on_commit, owner=owner,
+                                       **kwargs)
         return self.certifier.certify(x, **kwargs)
 
     def predict(self, x: np.ndarray, **kwargs) -> Prediction:
@@ -95,6 +116,7 @@ class ModelRuntime:
         device = torch.device(settings.device) if settings.device else default_device()
         merge = settings.cross_batching if settings.cross_batching is not None else device.type == "cuda"
         self.scheduler = BatchScheduler() if merge else None
+        self.durability = DurabilityGuard(store.r, check=settings.memory_durability_check)
 
     def get(self, digest: str, numeric_mode: str | None = None) -> LoadedModel:
         """The model with this digest in this mode, loaded now if it is not cached."""
@@ -109,7 +131,7 @@ class ModelRuntime:
                 model = None
             if model is None:
                 model = LoadedModel(digest, self.store, self.settings, numeric_mode=key[1],
-                                    scheduler=self.scheduler)
+                                    scheduler=self.scheduler, durability=self.durability)
                 model.load()
                 self._models[key] = model
                 while len(self._models) > self.max_models:

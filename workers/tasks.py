@@ -1,4 +1,4 @@
-"""The Celery tasks: thin, by name, carrying only a job id (STYLE.md, "The workers").
+"""The Celery tasks: thin, by name, carrying only a job id; the logic lives in plain functions.
 
 `job_task` is the one place that sets task policy (name, queue, acks, retries); the tasks
 re-fetch the job from the store and leave the work to `workers.jobs.run_job`.

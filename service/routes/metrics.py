@@ -25,7 +25,8 @@ _NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # The label names of the store's counters, in the order their values follow the name.
 LABELS = {"jobs_submitted_total": ("kind",), "jobs_finished_total": ("kind", "status"),
           "samples_total": ("kind",), "engine_seconds_total": ("kind",),
-          "abstained_total": ("kind",), "answered_total": ("kind",)}
+          "abstained_total": ("kind",), "answered_total": ("kind",),
+          "memory_commit_retries_total": ("status",)}
 HELP = {
     "jobs_submitted_total": "Jobs accepted by the API.",
     "jobs_finished_total": "Jobs that ended, by final status.",
@@ -33,6 +34,7 @@ HELP = {
     "engine_seconds_total": "Seconds the workers spent in the engine.",
     "abstained_total": "Answers that abstained.",
     "answered_total": "Answers given (abstentions included).",
+    "memory_commit_retries_total": "Memory commits tried again: the log grew (conflict) or was reset (stale).",
 }
 
 

@@ -8,13 +8,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service import jobs, parameters
-from service.deps import AdminDep, CallerDep, SettingsDep, StoreDep
+from service.deps import AdminDep, Caller, CallerDep, SettingsDep, StoreDep
 from service.errors import APIError, InvalidRequest, NotFound, responses
-from service.schemas import MemoryOut, ModelOut, ModelsOut
+from service.schemas import MemoryNamespaceOut, MemoryOut, ModelOut, ModelsOut
 from service.store import ModelRecord, Store
 from smoothcert.archive import check_state_dict, inspect_bundle, read_bundle_files
 from smoothcert.manifest import BundleError, ModelSpec
-from smoothcert.results import memory_namespace
+from smoothcert.results import parse_namespace
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -104,24 +104,33 @@ async def delete_model(name: str, store: StoreDep, admin: AdminDep) -> ModelOut:
     return model_out(record)
 
 
-async def _memory(store: Store, settings, name: str) -> MemoryOut:
-    record = await jobs.find_model(store, name)
-    namespace = memory_namespace(record.digest)
-    entries, size = await run_in_threadpool(store.memory_size, namespace)
-    return MemoryOut(model=name, digest=record.digest, namespace=namespace, size=entries,
-                     entries=entries, bytes=size, capacity=settings.memory_capacity)
+def memory_out(store: Store, settings, name: str, digest: str, caller: Caller) -> MemoryOut:
+    """Every memory of the model with `digest` (blocking)."""
+    namespaces = []
+    for namespace in store.memory_namespaces(digest):
+        _, mode, device, alpha = parse_namespace(namespace)
+        entries, size = store.memory_size(namespace)
+        namespaces.append(MemoryNamespaceOut(namespace=namespace, numeric_mode=mode, device=device, alpha=alpha,
+                                             entries=entries, bytes=size))
+    total = sum(m.entries for m in namespaces)
+    return MemoryOut(model=name, digest=digest, size=total, entries=total, bytes=sum(m.bytes for m in namespaces),
+                     capacity=settings.memory_capacity, levels=settings.memory_alphas, min_n=settings.memory_min_n,
+                     quota_per_key=settings.memory_quota_per_key,
+                     your_commits=store.memory_commits_of(digest, caller.owner), namespaces=namespaces)
 
 
 @router.get("/{name}/memory", response_model=MemoryOut, responses=responses(401, 404, 503))
 async def get_memory(name: str, settings: SettingsDep, store: StoreDep, caller: CallerDep) -> MemoryOut:
-    """The model's certificate memory: committed entries and their size."""
-    return await _memory(store, settings, name)
+    """The model's certificate memories (every numeric mode, device type and α): committed
+    entries and their size, and the rules of a commit."""
+    record = await jobs.find_model(store, name)
+    return await run_in_threadpool(memory_out, store, settings, name, record.digest, caller)
 
 
 @router.delete("/{name}/memory", response_model=MemoryOut, responses=responses(401, 403, 404, 503))
 async def reset_memory(name: str, settings: SettingsDep, store: StoreDep, admin: AdminDep) -> MemoryOut:
-    """Drop every entry of the model's memory (admin). Certificates issued before stay
-    valid statements, but later answers no longer respect them."""
+    """Drop every entry of every memory of the model, and the keys' commit counts (admin).
+    Certificates issued before stay valid statements, but later answers no longer respect them."""
     record = await jobs.find_model(store, name)
-    await run_in_threadpool(store.memory_reset, memory_namespace(record.digest))
-    return await _memory(store, settings, name)
+    await run_in_threadpool(store.memory_reset_model, record.digest)
+    return await run_in_threadpool(memory_out, store, settings, name, record.digest, admin)

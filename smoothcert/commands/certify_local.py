@@ -3,7 +3,7 @@
 Columns (`smoothcert.tsv`, shared with `evaluate`): `idx label predict radius correct time
 sigma`, then the bound's columns, the seed, and with the memory its outcome and the radius
 before the rule. `predict` is -1 for an abstention; label and correct are NA when the input
-has no label.
+has no label. The progress line's radius is rounded down, like the TSV's (`smoothcert.tsv`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from typing import TextIO
 
 from smoothcert.commands.options import add_certification_options, sampling, sigma_search, use_memory
+from smoothcert.rounding import floor_text
 
 
 def register(commands) -> None:
@@ -42,7 +43,7 @@ def certify_local(args: argparse.Namespace) -> int:
     items = load_inputs(args.inputs, certifier.spec.input_shape)
     search = sigma_search(args)
     how = sampling(args)
-    memory = certifier.new_memory() if use_memory(args, search) else None
+    memory = certifier.new_memory(args.alpha) if use_memory(args, search) else None
     bound = args.bound or ("drs" if certifier.spec.kind == "drs" else "cohen")
 
     out: TextIO = open(args.out, "w", newline="") if args.out else sys.stdout
@@ -60,7 +61,7 @@ def certify_local(args: argparse.Namespace) -> int:
             writer.write(idx, item.label, cert)
             predict = -1 if cert.abstained else cert.prediction
             changed += memory is not None and cert.memory.outcome != "new"
-            bar.advance(f"{item.name}: predict {predict} radius {cert.radius:.3f}")
+            bar.advance(f"{item.name}: predict {predict} radius {floor_text(cert.radius, 3)}")
     finally:
         bar.close()
         if out is not sys.stdout:

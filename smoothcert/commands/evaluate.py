@@ -1,5 +1,8 @@
 """`smoothcert evaluate` (certified accuracy of a bundle on a data split, into a run
-directory) and `smoothcert plot` (overlay the curves of several runs)."""
+directory) and `smoothcert plot` (overlay the curves of several runs).
+
+The summary printed on stderr rounds the ACR and the (certified) accuracies down, never up;
+summary.json keeps the exact floats."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import sys
 from pathlib import Path
 
 from smoothcert.commands.options import add_certification_options, sampling, sigma_search, use_memory
+from smoothcert.rounding import floor_text
 
 RUN_FILES = ("results.tsv", "summary.json", "curve.png")
 
@@ -96,9 +100,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     summary = write_run(out, run, args.radii)
-    grid = ", ".join(f"{g['radius']:g}: {g['accuracy']:.3f}" for g in summary["certified_accuracy"])
-    print(f"{summary['count']} examples: clean accuracy {summary['clean_accuracy']:.3f}, "
-          f"ACR {summary['acr']:.3f}, abstained {summary['abstention_rate']:.3f}", file=sys.stderr)
+    grid = ", ".join(f"{g['radius']:g}: {floor_text(g['accuracy'], 3)}" for g in summary["certified_accuracy"])
+    print(f"{summary['count']} examples: clean accuracy {floor_text(summary['clean_accuracy'], 3)}, "
+          f"ACR {floor_text(summary['acr'], 3)}, abstained {summary['abstention_rate']:.3f}", file=sys.stderr)
     print(f"certified accuracy at r = {grid}", file=sys.stderr)
     spent = summary["samples"]
     search_note = "" if spent["search_mean"] is None else f", σ search {spent['search_mean']:.0f}"

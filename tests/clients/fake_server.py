@@ -1,4 +1,4 @@
-"""An in-process stand-in for the smoothcert API, shaped as DESIGN.md's HTTP contract.
+"""An in-process stand-in for the smoothcert API, shaped as docs/api.md's HTTP contract.
 
 It exists only until the real `service/` can run in tests. Jobs advance one step per GET,
 so tests are deterministic and never sleep:

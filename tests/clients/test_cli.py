@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import httpx
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from clients.cli import main, register
 
+from . import fake_server
 from .conftest import BASE_URL
 
 
@@ -43,6 +45,25 @@ def test_certify_wait_prints_the_certificate_as_json(run, state, image):
         "seed": 7, "memory": False}
     # stderr is not a terminal here: one line per stage
     assert err.splitlines() == [f"job cert-0: {s}" for s in ("queued", "sigma_search", "estimation", "succeeded")]
+
+
+def test_certify_prints_the_radius_and_bound_exactly_never_rounded_up(run, image, monkeypatch):
+    # The CLI prints the server's floats as JSON, the shortest text that reads back as the same
+    # float: a radius just below 0.1235 stays below it (`.4f` would print 0.1235, above it).
+    radius, p_a_lower = math.nextafter(0.1235, 0), math.nextafter(0.9, 0)
+    steps = fake_server._steps
+
+    def adversarial(kind, body):
+        out = steps(kind, body)
+        out[-1]["result"] |= {"radius": radius, "p_a_lower": p_a_lower}
+        return out
+
+    monkeypatch.setattr(fake_server, "_steps", adversarial)
+    code, out, _ = run("certify", image, "--model", "digits", "--wait")
+    assert code == 0 and f'"radius": {radius!r}' in out and f'"p_a_lower": {p_a_lower!r}' in out
+    assert (json.loads(out)["radius"], json.loads(out)["p_a_lower"]) == (radius, p_a_lower)
+    code, out, _ = run("status", "cert-0")
+    assert code == 0 and f'"radius": {radius!r}' in out and json.loads(out)["result"]["radius"] == radius
 
 
 def test_certify_sends_sampling_and_tolerance(run, state, image):

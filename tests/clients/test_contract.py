@@ -1,4 +1,4 @@
-"""The SDK against the real app in process (STYLE.md: polar's test_sdk): real routes, the
+"""The SDK against the real app in process (as polar's SDK tests do): real routes, the
 real store on the test Redis, and jobs run by the workers' own `run_job`, so the SDK parses
 exactly what a worker writes and the API serves."""
 
@@ -51,7 +51,8 @@ def test_certify_round_trip(world):
     assert r.radius > 0 and r.sigma == 0.25 and r.bound == "cohen" and (r.n0, r.n, r.alpha) == (100, 1000, 0.001)
     assert r.model.name == "digits" and r.model.digest == store.get_model("digits").digest
     assert r.memory is not None and not r.memory.used
-    assert r.extra["seed"] == 5 and r.extra["numeric_mode"] == "fp32"
+    assert (r.seed, r.seed_source) == (5, "caller") and r.extra["numeric_mode"] == "fp32"
+    assert r.guarantee["scope"] == "smoothed" and "chosen by the caller" in r.guarantee["statement"]
 
 
 def test_adaptive_sampling_round_trip(world):
@@ -92,12 +93,17 @@ def test_search_with_memory_and_the_memory_endpoint(world):
     client, work, _ = world
     with client() as c:
         job = c.certify(ROOT / "examples" / "digit-2.png", model="digits", sigma_search={"method": "insta", "steps": 1},
-                        n=1000, seed=1)
+                        n=1000)
+        assert job.status().raw["request"]["seed"] is None  # drawn by the service, hidden until the end
         work(job.id)
-        r = job.status().result
+        status = job.status()
+        r = status.result
         memory = c.model_memory("digits")
     assert r.memory.used and r.memory.outcome == "new" and r.extra["search"]["method"] == "insta"
-    assert memory.entries == 1
+    assert r.seed_source == "server" and r.seed == status.raw["request"]["seed"] is not None
+    assert r.memory.root == r.memory.entry == "0" and r.memory.root_job == job.id
+    assert r.guarantee["scope"] == "memory"
+    assert memory.entries == 1 and memory.your_commits == 1 and len(memory.namespaces) == 1
 
 
 def test_predictions_and_metrics(world):

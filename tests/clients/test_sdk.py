@@ -153,7 +153,7 @@ def test_certify_waits_for_a_typed_certificate(client, state):
     assert isinstance(cert, CertificateResult)
     assert (cert.prediction, cert.label, cert.abstained, cert.radius, cert.sigma) == (7, "7", False, 0.41, 0.27)
     assert (cert.p_a_lower, cert.bound, cert.n0, cert.n, cert.alpha) == (0.93, "cohen", 100, 100_000, 0.001)
-    assert cert.memory == MemoryInfo(used=True, outcome="new", entry="e-1", extra={"conflict": None})
+    assert cert.memory == MemoryInfo(used=True, outcome="new", entry="e-1", conflict=None)
     assert cert.model == ModelRef(name="digits", digest="sha256:" + "ab" * 32)
     assert cert.extra == {"seconds": 1.5, "samples": 100_100}  # keys the SDK does not know are kept
     assert status.raw["created_at"] and status.raw["result"]["radius"] == 0.41
@@ -240,7 +240,7 @@ def test_models_in_either_list_shape(client, state, bare):
 def test_model_and_its_memory(client):
     assert client.model("digits").num_classes == 10
     memory = client.model_memory("digits")
-    assert memory.size == 2 and memory.entries[0]["id"] == "e-1" and memory.extra["capacity"] == 100_000
+    assert memory.size == 2 and memory.entries[0]["id"] == "e-1" and memory.capacity == 100_000
     with pytest.raises(NotFoundError, match="nope"):
         client.model("nope")
 

@@ -66,11 +66,12 @@ def test_submit_json_stores_the_input_and_enqueues_by_name(client, store, redis_
 def test_submit_multipart(client, store, redis_client):
     r = client.post("/v1/certifications", files={"image": ("x.npy", npy_bytes(X))},
                     data={"model": "digits", "sigma_search": "insta", "n": "1000", "bound": "two_sided",
-                          "seed": "7"})
+                          "memory": "false", "seed": "7"})
     assert r.status_code == 202, r.text
     job = store.get_job(r.json()["id"])
     assert job.request["sigma_search"]["method"] == "insta" and job.request["sigma"] is None
-    assert job.request["memory"] is True and job.request["seed"] == 7 and job.request["n"] == 1000
+    assert job.request["memory"] is False and job.request["n"] == 1000
+    assert (job.request["seed"], job.request["seed_source"]) == (7, "caller")
     assert job.request["bound"] == "two_sided"
     assert np.array_equal(stored_input(store, job.id), X)
     r = client.post("/v1/certifications", files={"image": ("x.png", base64.b64decode(png_b64(X)))},
@@ -87,7 +88,7 @@ def test_the_stored_request_resolves_every_default(client, store):
     assert isinstance(seed, int) and 0 <= seed < 2**63
     assert request == {"sigma": 0.25, "sigma_search": None, "bound": "cohen", "n0": 100, "n": 100000,
                        "alpha": 0.001, "sampling": "fixed", "tolerance": None, "target_radius": None,
-                       "batch_size": None, "numeric_mode": "fp32", "memory": False}
+                       "batch_size": None, "numeric_mode": "fp32", "memory": False, "seed_source": "server"}
     r = submit(client, {"sigma": None, "sigma_search": {"method": "ddrs", "init": 0.5}})
     request = store.get_job(r.json()["id"]).request
     assert request["sigma_search"] == {"method": "ddrs", "steps": 100, "lr": 0.01, "samples": 64, "init": 0.5}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import io
+import pickle
+import warnings
 import zipfile
 
 from fastapi.testclient import TestClient
 
+from service.deps import owner_id
 from service.main import create_app
 from smoothcert.archive import inspect_bundle, read_bundle_files
 from tests.service.conftest import (
@@ -86,18 +90,44 @@ def test_bad_bundles_are_422(keyed, store):
     assert [m.name for m in store.list_models()] == ["digits"]
 
 
-def test_memory_size_and_reset(keyed, store):
+def test_weights_naming_a_member_twice_are_422(keyed, store):
+    # Two benign pickles under one name: zipfile (the check) and torch (the loader) may read
+    # different ones, so the upload is refused for the duplicate itself.
+    doubled = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Duplicate name", UserWarning)
+        with zipfile.ZipFile(doubled, "w") as zf:
+            for content in (collections.OrderedDict(), {"w": None}):
+                zf.writestr("archive/data.pkl", pickle.dumps(content, protocol=2))
+    spec = DIGITS | {"name": "doubled"}
+    r = upload(keyed, bundle_zip(spec, {"weights.pt": doubled.getvalue()}))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_bundle", r.text
+    assert "weights.pt is a zip that holds the member 'archive/data.pkl' twice" in r.json()["error"]["message"]
+    assert store.get_model("doubled") is None
+    assert upload(keyed, bundle_zip(spec, {"weights.pt": WEIGHTS})).status_code == 201  # the clean one is taken
+
+
+def test_memory_routes_address_every_namespace(keyed, store):
+    """Every numeric mode, device type and α of the model is listed, and reset together with
+    the keys' commit counts; a caller sees its own count."""
     digest = store.get_model("digits").digest
-    namespace = f"{digest}/fp32"
+    strict, lax = f"{digest}/fp32/cpu/0.001", f"{digest}/bf16+fuse/cuda/0.05"
+    user = owner_id(USER)
     for i in range(3):
-        assert store.memory_commit(namespace, epoch=0, length=i, job_id=f"j{i}", entry=b"e" * 100,
-                                   capacity=10).status == "committed"
+        assert store.memory_commit(strict, epoch=0, length=i, job_id=f"j{i}", entry=b"e" * 100, capacity=10,
+                                   owner=user).status == "committed"
+    assert store.memory_commit(lax, epoch=0, length=0, job_id="k", entry=b"e" * 100, capacity=10).status == "committed"
     memory = keyed.get("/v1/models/digits/memory", headers=auth(USER)).json()
-    assert memory["namespace"] == namespace and memory["entries"] == memory["size"] == 3
-    assert memory["bytes"] > 300 and memory["capacity"] > 0
+    assert memory["entries"] == memory["size"] == 4 and memory["your_commits"] == 3
+    assert [(m["numeric_mode"], m["device"], m["alpha"], m["entries"]) for m in memory["namespaces"]] == [
+        ("bf16+fuse", "cuda", 0.05, 1), ("fp32", "cpu", 0.001, 3)]
+    assert memory["bytes"] > 400 and memory["capacity"] > 0 and memory["levels"] == [0.001, 0.01, 0.05]
+    assert memory["min_n"] > 0 and memory["quota_per_key"] > 0
     assert keyed.delete("/v1/models/digits/memory", headers=auth(USER)).status_code == 403
     r = keyed.delete("/v1/models/digits/memory", headers=auth(ADMIN))
-    assert r.status_code == 200 and r.json()["entries"] == 0 and store.memory_epoch(namespace) == 1
+    assert r.status_code == 200 and r.json()["entries"] == 0
+    assert store.memory_epoch(strict) == store.memory_epoch(lax) == 1
+    assert store.memory_commits_of(digest, user) == 0
     assert keyed.get("/v1/models/nope/memory", headers=auth(USER)).status_code == 404
 
 
@@ -113,7 +143,7 @@ def test_upload_size_limit(redis_url, store):
 
 def test_delete_is_admin_only(keyed, store):
     digest = store.get_model("digits").digest
-    namespace = f"{digest}/fp32"
+    namespace = f"{digest}/fp32/cpu/0.001"
     store.memory_commit(namespace, epoch=0, length=0, job_id="j", entry=b"e", capacity=10)
     assert keyed.delete("/v1/models/digits").status_code == 401
     r = keyed.delete("/v1/models/digits", headers=auth(USER))

@@ -31,7 +31,7 @@ def test_prediction_lifecycle(client, store, redis_client):
     assert r.headers["location"] == f"/v1/predictions/{job_id}"
     assert broker_messages(redis_client, "predictions") == [("smoothcert.predict", [job_id])]
     assert store.get_job(job_id).request == {"sigma": 0.25, "n": 10000, "alpha": 0.001, "batch_size": None,
-                                             "numeric_mode": "fp32", "seed": 3}
+                                             "numeric_mode": "fp32", "seed": 3, "seed_source": "caller"}
     assert np.array_equal(stored_input(store, job_id), X)
     assert client.get(f"/v1/certifications/{job_id}").status_code == 404  # the other kind
     store.start_job(job_id)

@@ -59,3 +59,30 @@ def test_api_command_runs_the_configured_number_of_processes(monkeypatch):
     monkeypatch.setenv("SMOOTHCERT_API_WORKERS", "3")
     assert workers(api_command("127.0.0.1", 8000)) == "3"
     assert workers(api_command("127.0.0.1", 8000, 5)) == "5"
+
+
+def test_up_never_keeps_the_memory_on_a_redis_that_would_lose_commits(tmp_path, capsys):
+    """A distribution's Redis answering at the default URL (appendfsync everysec here) is
+    passed over for a private, durable one; a Redis named explicitly is kept, with a warning."""
+    from service.durability import durability_problems
+    from service.store import Store
+    from service.up import choose_redis
+    from tests.redis_server import RedisServer
+
+    (tmp_path / "lax").mkdir()
+    lax = RedisServer(tmp_path / "lax", "--appendfsync", "everysec")
+    lax.start()
+    procs: list = []
+    try:
+        assert durability_problems(Store.from_url(lax.url).r)
+        chosen = choose_redis(lax.url, False, tmp_path / "state", procs)
+        assert chosen != lax.url and len(procs) == 1
+        assert durability_problems(Store.from_url(chosen).r) == []
+        assert "would not keep memory commits" in capsys.readouterr().out
+        assert choose_redis(lax.url, True, tmp_path / "state", procs) == lax.url and len(procs) == 1
+        assert "appendfsync is 'everysec'" in capsys.readouterr().err
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+        lax.stop()

@@ -1,11 +1,13 @@
-"""Models with exact answers (ALGORITHMS.md §8) and a binomial check of soundness."""
+"""Models with exact answers (docs/algorithms.md §8), a binomial check of soundness, and the
+power of that check against a variant whose error rate is known."""
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
-from scipy.stats import binomtest
+from scipy.stats import binom, binomtest, norm
 from torch import nn
 
 
@@ -41,6 +43,36 @@ class Slab(nn.Module):
         return torch.stack([-inside, inside], dim=1) * (self.scale / 2)
 
 
+class Strips(nn.Module):
+    """K classes by where the projection t = u·x falls: class c for edges[c−1] ≤ t < edges[c]
+    (edges ascending, K − 1 of them). Under N(0, σ²I) noise the projection is N(t, σ²), so
+    every class probability is exact: p_c = Φ((e_c − t)/σ) − Φ((e_{c−1} − t)/σ)."""
+
+    def __init__(self, u: torch.Tensor, edges: list[float]):
+        super().__init__()
+        self.register_buffer("u", (u / u.norm()).flatten().float())
+        self.register_buffer("edges", torch.tensor(edges, dtype=torch.float32))
+        self.num_classes = len(edges) + 1
+
+    def projection(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.u
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.bucketize(self.projection(x), self.edges, right=True)
+        return nn.functional.one_hot(index, self.num_classes).float()
+
+    def probabilities(self, x: torch.Tensor, sigma: float) -> list[float]:
+        t = float(x.flatten().double() @ self.u.double())
+        cuts = [-math.inf, *map(float, self.edges), math.inf]
+        return [float(norm.cdf((hi - t) / sigma) - norm.cdf((lo - t) / sigma))
+                for lo, hi in zip(cuts, cuts[1:], strict=False)]
+
+    def point_at(self, shape: tuple[int, ...], projection: float, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(shape, generator=g).flatten()
+        return (x + (projection - float(x @ self.u)) * self.u).reshape(shape)
+
+
 def point_at(model: HalfSpace, shape: tuple[int, ...], signed_distance: float, seed: int = 0) -> torch.Tensor:
     """A point in [0,1]-ish space whose signed distance to the model's hyperplane is given."""
     g = torch.Generator().manual_seed(seed)
@@ -60,6 +92,21 @@ def assert_rate_at_most(failures: int, runs: int, rate: float, what: str) -> Non
 
 def rate_is_too_high(failures: int, runs: int, rate: float) -> bool:
     return binomtest(failures, runs, rate, alternative="greater").pvalue <= 1e-3
+
+
+@lru_cache(maxsize=256)
+def flagged_from(runs: int, rate: float) -> int:
+    """The fewest failures in `runs` that `rate_is_too_high` flags at `rate`."""
+    k = math.ceil(runs * rate)
+    while not rate_is_too_high(k, runs, rate):
+        k += 1
+    return k
+
+
+def power(variant_rate: float, runs: int, rate: float) -> float:
+    """The probability that the check flags a procedure that fails at `variant_rate`: how
+    sure a test is to catch an unsound variant, computed before it runs."""
+    return float(binom.sf(flagged_from(runs, rate) - 1, runs, variant_rate))
 
 
 SQRT2 = math.sqrt(2.0)

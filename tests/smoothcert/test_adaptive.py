@@ -1,4 +1,4 @@
-"""Adaptive sampling (smoothcert.adaptive, ALGORITHMS.md §7): the plan, what a certificate
+"""Adaptive sampling (smoothcert.adaptive, docs/algorithms.md §7): the plan, what a certificate
 records, and soundness against exact answers, including unsound variants the check catches.
 
 The exact-answer checks of test_smoothing.py and test_drs.py also run with
@@ -17,7 +17,7 @@ from torch import nn
 
 from smoothcert import adaptive
 from smoothcert.adaptive import DEFAULT_TOLERANCE, check_sampling, ladder, plan
-from smoothcert.bounds import InvalidParameters, cohen_radius, cp_lower, min_certify_n
+from smoothcert.bounds import InvalidParameters, cohen_bound, cohen_radius, cp_lower, min_certify_n
 from smoothcert.drs import certify_drs
 from smoothcert.sampling import make_generator, sample_counts
 from smoothcert.smoothing import certify
@@ -127,7 +127,7 @@ def test_the_certificate_records_sampling_tolerance_and_n(model):
     a = certify(model, x, sampling="adaptive", **kw)
     assert (a.sampling, a.n_max, a.tolerance) == ("adaptive", 20_000, DEFAULT_TOLERANCE)
     assert 0 < a.n < a.n_max and a.samples == 100 + a.n and a.n_a <= a.n
-    assert a.p_a_lower == cp_lower(a.n_a, a.n, 0.001)  # the ordinary bound at the chosen n
+    assert a.p_a_lower == cohen_bound(a.n_a, a.n, 0.001, a.noise_tail)  # the ordinary bound at the chosen n
     assert certify(model, x, sampling="adaptive", **kw).replace(seconds=0) == a.replace(seconds=0)
     loose = certify(model, x, sampling="adaptive", tolerance=0.5, **kw)
     assert loose.n <= a.n and loose.tolerance == 0.5

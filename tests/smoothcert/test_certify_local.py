@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import subprocess
 import sys
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -61,7 +63,24 @@ def test_certify_local_writes_cohen_tsv(tmp_path, inputs, capsys):
     assert [r["correct"] for r in rows] == ["1", "1", "0", "1", "NA"]
     # The exact radius of a bright image is its distance to the plane mean = 0.5: 4·|v − 0.5|.
     assert 0 < float(rows[0]["radius"]) <= 4 * 0.4
-    assert "certify 5/5" in capsys.readouterr().err  # progress on stderr
+    err = capsys.readouterr().err
+    assert "certify 5/5" in err  # progress on stderr
+    # The same request's certificate, printed rounded down (never to nearest): radius and
+    # pA_lower at most one unit below, σ exactly; the progress line's radius at 3 decimals.
+    from smoothcert.bundle import load_bundle
+    from smoothcert.certifier import Certifier, default_device
+    from smoothcert.sampling import derive_seed
+
+    certifier = Certifier(load_bundle(bundle, device=default_device()), device=default_device())
+    x = np.load(inputs / "set.npz")["x"]
+    noted = [Decimal(r) for r in re.findall(r"radius (\S+)", err)]
+    for idx in range(4):
+        cert = certifier.certify(x[idx], n0=50, n=2000, alpha=0.01, seed=derive_seed(4, idx))
+        radius, p_a_lower = Decimal(rows[idx]["radius"]), Decimal(rows[idx]["pA_lower"])
+        assert radius <= Decimal(cert.radius) < radius + Decimal("1e-4")
+        assert p_a_lower <= Decimal(cert.p_a_lower) < p_a_lower + Decimal("1e-6")
+        assert noted[idx] <= Decimal(cert.radius) < noted[idx] + Decimal("1e-3")
+        assert float(rows[idx]["sigma"]) == cert.sigma
     again = tmp_path / "again.tsv"
     main(["certify-local", "--model", str(bundle), str(inputs / "set.npz"), "--n", "2000", "--n0", "50",
           "--alpha", "0.01", "--seed", "4", "--out", str(again)])

@@ -1,4 +1,4 @@
-"""Dual smoothing: the split, and certificates against (d_l + d_r)/√2 (ALGORITHMS.md §5, §8)."""
+"""Dual smoothing: the split, and certificates against (d_l + d_r)/√2 (docs/algorithms.md §5, §8)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_drs_radius_exceeds_exact_at_most_alpha(s_left, s_right, sampling):
 
 
 def test_the_drs_check_catches_the_published_combination():
-    """sqrt(R_l² + R_r²) with a negative half-radius clamped to 0 (ALGORITHMS.md §5's
+    """sqrt(R_l² + R_r²) with a negative half-radius clamped to 0 (docs/algorithms.md §5's
     defect) claims far too much when the halves disagree; the same check rejects it."""
     def published(cert):
         r = [max(0.0, SIGMA * float(norm.ppf(p))) for p in cert.p_a_lower_halves]

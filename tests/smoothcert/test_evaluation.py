@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -91,13 +93,39 @@ def digits():
     return load_data("sklearn-digits", "test")
 
 
+class Notes:
+    """A Progress that keeps the notes."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+
+    def stage(self, stage: str, done: int, total: int) -> None:
+        pass
+
+    def advance(self, note: str = "") -> None:
+        self.notes.append(note)
+
+
+def below_by_less_than(printed: str, value: float, unit: str) -> bool:
+    """printed ≤ value < printed + unit, exactly: `value` rounded down, not to nearest."""
+    return Decimal(printed) <= Decimal(value) < Decimal(printed) + Decimal(unit)
+
+
 def test_run_directory_of_the_demo_model(certifier, digits, tmp_path):
-    run = evaluate(certifier, digits, every=45, seed=3, **FAST)
+    notes = Notes()
+    run = evaluate(certifier, digits, every=45, seed=3, progress=notes, **FAST)
     assert [r.idx for r in run.rows] == list(range(0, 450, 45))
     summary = write_run(tmp_path / "a", run)
     rows = read(tmp_path / "a" / "results.tsv")
     assert list(rows[0]) == ["idx", "label", "predict", "radius", "correct", "time", "sigma", "pA_lower", "seed"]
     assert [int(r["idx"]) for r in rows] == [r.idx for r in run.rows]
+    # Radii and lower bounds are printed rounded down, σ exactly, the progress notes' radii too.
+    noted = [re.fullmatch(r"#\d+: .* radius (\S+)", note).group(1) for note in notes.notes]
+    for printed, note, r in zip(rows, noted, run.rows, strict=True):
+        c = r.certificate
+        assert below_by_less_than(printed["radius"], c.radius, "1e-4") and below_by_less_than(note, c.radius, "1e-3")
+        assert below_by_less_than(printed["pA_lower"], c.p_a_lower, "1e-6")
+        assert float(printed["sigma"]) == c.sigma
     assert json.loads((tmp_path / "a" / "summary.json").read_text()) == summary
     assert set(summary) == {"schema", "parameters", "count", "clean_accuracy", "abstention_rate", "acr",
                             "certified_accuracy", "sigma", "seconds", "samples", "memory"}
@@ -197,6 +225,10 @@ def test_evaluate_and_plot_commands(tmp_path, capsys):
     assert run_cli("evaluate", *common, "--out", str(tmp_path / "fixed")) == 0
     err = capsys.readouterr().err
     assert "evaluate 3/3" in err and "clean accuracy" in err  # progress and result on stderr
+    summary = json.loads((tmp_path / "fixed" / "summary.json").read_text())
+    acr, clean = re.search(r"clean accuracy (\S+), ACR (\S+),", err).group(2, 1)
+    assert below_by_less_than(acr, summary["acr"], "1e-3")  # rounded down, never up
+    assert below_by_less_than(clean, summary["clean_accuracy"], "1e-3")
     assert run_cli("evaluate", *common, "--sigma-search", "insta", "--search-steps", "1", "--search-samples", "16",
                    "--radii", "0", "0.4", "--out", str(tmp_path / "insta")) == 0
     summary = json.loads((tmp_path / "insta" / "summary.json").read_text())

@@ -1,4 +1,5 @@
-"""The memory rule (ALGORITHMS.md §3.1): new, inside, shrunk, and the invariant."""
+"""The memory rule (docs/algorithms.md §3.1): new, inside, shrunk, and the invariant; what a
+memory answer reports (its root's sampling) and what a memory refuses."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smoothcert.bounds import InvalidParameters
 from smoothcert.memory import (
     ABSTAIN,
     PIVOTS,
@@ -22,7 +24,10 @@ from smoothcert.memory import (
     point_values,
     to_uint8,
 )
-from smoothcert.results import Certificate
+from smoothcert.results import Certificate, Provenance
+
+# A provenance for tables built by hand (the rule does not read it).
+PROV = Provenance(root=None, sigma=0.1, bound="cohen", n0=10, n=100, alpha=0.001, level=0.001, sampling="fixed")
 
 
 def table(*entries):
@@ -101,7 +106,7 @@ def test_random_sequences_never_leave_intersecting_balls(sequence, split):
             inside = d.outcome == "inside"
         # Only an "inside" answer may grow a radius (it takes the containing ball's class).
         assert d.radius <= r or inside
-        memory.commit(x, d.prediction, d.radius, 0.1)
+        memory.commit(x, d.prediction, d.radius, PROV)
         assert invariant_violations(memory.points, memory.classes, memory.radii) == 0
 
 
@@ -154,11 +159,53 @@ def test_memory_certify_returns_the_committed_entry():
     assert abstained.abstained and int(memory.classes[-1]) == ABSTAIN
 
 
+def test_an_answer_reports_the_root_whose_sampling_produced_the_ball():
+    """An "inside" entry stores its root's sampling, never the fresh run's σ and bound beside
+    another entry's class and radius; answers follow inside entries back to the root."""
+    memory = Memory("digest/fp32/cpu/0.001", 2, alpha=0.001)
+    root = memory.certify(torch.tensor([0.0, 0.0]), template(prediction=0, radius=2.0, sigma=0.5, p_a_lower=0.99))
+    # A fresh run of another class whose point lies inside ball 0: answered with class 0.
+    inside = memory.certify(torch.tensor([0.5, 0.0]),
+                            template(prediction=1, radius=0.3, sigma=0.2, p_a_lower=0.7, n=5000))
+    assert inside.memory.outcome == "inside" and inside.memory.root == 0 == root.memory.root
+    assert (inside.prediction, inside.sigma, inside.p_a_lower, inside.n) == (0, 0.5, 0.99, 1000)
+    assert (inside.memory.prediction_before, inside.memory.radius_before, inside.memory.sigma_before) == (1, 0.3, 0.2)
+    assert memory.root_of(1) == 0 and memory.provenance(1).sigma == 0.5
+    # A query inside entry 1 (itself inside entry 0) is answered with the root's sampling.
+    answered = memory.answer(torch.tensor([0.55, 0.0]), template(prediction=None, radius=0.0, sigma=0.9))
+    assert answered.memory.root == 0 and (answered.sigma, answered.p_a_lower) == (0.5, 0.99)
+    assert answered.radius <= 2.0 - 0.55
+
+
+def test_a_memory_holds_one_level_and_a_minimum_n():
+    memory = Memory("digest/fp32/cpu/0.001", 2, alpha=0.001, min_n=1000)
+    with pytest.raises(InvalidParameters, match="alpha=0.001, not 0.05"):
+        memory.certify(torch.zeros(2), template(alpha=0.05))
+    with pytest.raises(InvalidParameters, match="at least n=1000"):
+        memory.certify(torch.zeros(2), template(n=999))
+    assert len(memory) == 0
+    # A bare table takes the level of its first certificate, then holds it.
+    bare = Memory("m", 2)
+    bare.certify(torch.zeros(2), template(alpha=0.01))
+    with pytest.raises(InvalidParameters, match="lax certificate never answers for a strict one"):
+        bare.certify(torch.ones(2) * 9, template(alpha=0.001))
+
+
+def test_a_radius_that_is_not_finite_never_enters():
+    memory = Memory("m", 2)
+    for radius in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="finite number ≥ 0"):
+            memory.commit(torch.zeros(2), 0, radius, PROV)
+    assert len(memory) == 0
+    with pytest.raises(ValueError, match="finite"):
+        template(radius=float("inf"))
+
+
 def test_full_memory_is_an_error_not_an_eviction():
     memory = Memory("m", 2, capacity=1)
-    memory.commit(torch.zeros(2), 0, 1.0, 0.1)
+    memory.commit(torch.zeros(2), 0, 1.0, PROV)
     with pytest.raises(MemoryFull, match="maximum of 1"):
-        memory.commit(torch.ones(2) * 5, 1, 1.0, 0.1)
+        memory.commit(torch.ones(2) * 5, 1, 1.0, PROV)
     assert len(memory) == 1
 
 
@@ -168,7 +215,7 @@ def test_a_borderline_conflict_never_grows_the_radius():
     memory = Memory("m", 3)
     for x, c, r in [([0.0, 1.0, 1.0], 0, 0.0), ([0.0, 0.0, 0.0], 1, 2.0)]:
         d = memory.decide(torch.tensor(x), c, r)
-        memory.commit(torch.tensor(x), d.prediction, d.radius, 0.1)
+        memory.commit(torch.tensor(x), d.prediction, d.radius, PROV)
     d = memory.decide(torch.tensor([0.0, 1.0, 1.0]), 0, 0.0)
     assert d.radius == 0.0
 
@@ -206,23 +253,23 @@ def test_a_row_has_the_same_distance_in_every_block():
 def test_a_uint8_table_turns_float32_at_the_first_point_that_is_not_a_pixel():
     memory = Memory("m", 4)
     pixel = torch.tensor([0.0, 1.0, 3 / 255, 254 / 255], dtype=torch.float32)
-    memory.commit(pixel, 0, 0.5, 0.1)
-    memory.extend(torch.tensor([[7, 8, 9, 255]], dtype=torch.uint8), [1], [0.25], [0.1])
+    memory.commit(pixel, 0, 0.5, PROV)
+    memory.extend(torch.tensor([[7, 8, 9, 255]], dtype=torch.uint8), [1], [0.25], [PROV])
     assert memory.points.dtype == torch.uint8 and torch.equal(point_values(memory.points[0]), pixel)
-    memory.commit(torch.tensor([0.5, 0.5, 0.5, 0.5]), 1, 0.1, 0.1)
+    memory.commit(torch.tensor([0.5, 0.5, 0.5, 0.5]), 1, 0.1, PROV)
     assert memory.points.dtype == torch.float32 and len(memory) == 3
     assert torch.equal(memory.points[0], pixel) and torch.equal(memory.points[1], torch.tensor([7, 8, 9, 255]) / 255)
     with pytest.raises(ValueError, match="rounded"):  # a float64 centre would move
-        memory.commit(torch.tensor([0.1, 0.0, 0.0, 0.0], dtype=torch.float64), 0, 0.1, 0.1)
+        memory.commit(torch.tensor([0.1, 0.0, 0.0, 0.0], dtype=torch.float64), 0, 0.1, PROV)
     with pytest.raises(ValueError, match="NaN or infinite"):
-        memory.commit(torch.tensor([float("nan"), 0, 0, 0]), 0, 0.1, 0.1)
+        memory.commit(torch.tensor([float("nan"), 0, 0, 0]), 0, 0.1, PROV)
     assert len(memory) == 3
 
 
 def test_appending_grows_the_table_without_copying_it_each_time():
     memory = Memory("m", 2)
     for i in range(200):
-        memory.commit(torch.tensor([i / 255, 0.0]), i % 3, 0.001, 0.1)
+        memory.commit(torch.tensor([i / 255, 0.0]), i % 3, 0.001, PROV)
     assert len(memory) == 200 and memory._points.shape[0] < 400
     assert torch.equal(memory.norms, distances(memory.points, torch.zeros(2)))
     for k in range(PIVOTS):
@@ -311,7 +358,7 @@ def test_pruned_answers_are_exactly_the_brute_force_answers(scene, scan_rows, bl
     memory.scan_rows, memory.block_rows, memory.first_rows = scan_rows, block_rows, first_rows
     cuts = sorted({0, len(pts), *(len(pts) * k // (batches + 1) for k in range(1, batches + 1))})
     for a, b in zip(cuts, cuts[1:], strict=False):  # in batches: pivots and norms kept incrementally
-        memory.extend(pts[a:b], classes[a:b], radii[a:b], [0.1] * (b - a))
+        memory.extend(pts[a:b], classes[a:b], radii[a:b], [PROV] * (b - a))
     assert agrees(memory, x, prediction, radius, min(start, len(pts)))
     assert agrees(memory, x, prediction, radius)
 
@@ -328,7 +375,7 @@ def test_the_exactness_check_rejects_pruning_without_its_safety_margin():
         classes = torch.randint(0, 3, (40,), generator=g)
         radii = d * (0.995 + 0.01 * torch.rand(40, generator=g, dtype=torch.float64))  # on the edge
         memory = Memory("m", 2, dtype=torch.float32)
-        memory.extend(pts, classes, radii, torch.full((40,), 0.1))
+        memory.extend(pts, classes, radii, [PROV] * 40)
         assert agrees(memory, x, 0, 0.01)
         memory.slack_rate = -0.01
         disagreements += not agrees(memory, x, 0, 0.01)
@@ -340,7 +387,7 @@ def test_far_entries_are_pruned():
     centres = torch.rand(20, 64, generator=g) * 4
     pts = (centres.repeat_interleave(50, 0) + 0.01 * torch.randn(1000, 64, generator=g)).float()
     memory = Memory("m", 64)
-    memory.extend(pts, torch.arange(1000) % 5, torch.full((1000,), 0.05), torch.full((1000,), 0.1))
+    memory.extend(pts, torch.arange(1000) % 5, torch.full((1000,), 0.05), [PROV] * 1000)
     x = pts[123] + 0.001
     assert agrees(memory, x, 1, 0.05)
     assert memory.exact_rows < 100  # of 1000: the other clusters are ruled out by the bounds

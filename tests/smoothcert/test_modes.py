@@ -1,5 +1,5 @@
 """Numeric modes: names, device checks, that the mode is really applied, and that every
-mode a device can run passes the exact-answer soundness check (ALGORITHMS.md §8)."""
+mode a device can run passes the exact-answer soundness check (docs/algorithms.md §8)."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_fuse_refuses_a_network_fx_cannot_trace_rather_than_run_it_unfused():
 def exact_model() -> HalfSpace:
     """f(x) = [x₀ > 0]: one input coordinate with weight 1 and no offset. Rounding a number
     to bf16/fp16 keeps its sign, so in every mode this is exactly the float32 function and
-    the exact answers of ALGORITHMS.md §8 hold."""
+    the exact answers of docs/algorithms.md §8 hold."""
     w = torch.zeros(SHAPE).flatten()
     w[0] = 1.0
     return HalfSpace(w, b=0.0).eval()

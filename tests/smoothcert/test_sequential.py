@@ -1,4 +1,4 @@
-"""Sequential sampling toward a target radius (smoothcert.sequential, ALGORITHMS.md §7): the
+"""Sequential sampling toward a target radius (smoothcert.sequential, docs/algorithms.md §7): the
 schedule of looks, what a certificate records, when it stops, and soundness against exact
 answers, including the peeking variant the check catches.
 
@@ -16,7 +16,7 @@ import torch
 from scipy.stats import norm
 
 from smoothcert import sequential
-from smoothcert.bounds import InvalidParameters, cohen_radius, cp_lower
+from smoothcert.bounds import InvalidParameters, cohen_bound, cohen_radius, cp_lower
 from smoothcert.drs import certify_drs
 from smoothcert.sampling import make_generator, sample_counts
 from smoothcert.sequential import FINAL_SHARE, FIRST_LOOK, check_target, futile, schedule
@@ -98,7 +98,7 @@ def test_the_certificate_records_the_look_it_comes_from(model):
     assert (cert.sampling, cert.n_max, cert.target_radius, cert.tolerance) == ("sequential", 100_000, 0.25, None)
     assert cert.prediction == 1 and 1.0 * SIGMA <= cert.radius <= 2.0 * SIGMA
     assert cert.n in plan.sizes and cert.look_alpha == plan.alphas[plan.sizes.index(cert.n)]
-    assert cert.p_a_lower == cp_lower(cert.n_a, cert.n, cert.look_alpha)  # that look's own bound
+    assert cert.p_a_lower == cohen_bound(cert.n_a, cert.n, cert.look_alpha, cert.noise_tail)  # that look's own bound
     assert cert.samples == 100 + cert.n < 10_000  # pA = Φ(2) needs a few hundred votes for 1σ
     again = certify(model, x, sampling="sequential", target_radius=1.0 * SIGMA, **kw)
     assert again.replace(seconds=0) == cert.replace(seconds=0)
@@ -126,7 +126,7 @@ def test_a_target_only_n_max_may_reach_takes_every_look_and_the_last_at_its_shar
         if cert.samples == 20_100:
             last += 1
             assert cert.n == 20_000 and cert.look_alpha == FINAL_SHARE * alpha
-            assert cert.p_a_lower == cp_lower(cert.n_a, 20_000, FINAL_SHARE * alpha)
+            assert cert.p_a_lower == cohen_bound(cert.n_a, 20_000, FINAL_SHARE * alpha, cert.noise_tail)
     assert last >= 3
 
 

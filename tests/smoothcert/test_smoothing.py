@@ -1,4 +1,4 @@
-"""CERTIFY and PREDICT against exact answers (ALGORITHMS.md §8)."""
+"""CERTIFY and PREDICT against exact answers (docs/algorithms.md §8)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from service.store import Store
 from smoothcert.architectures import build_architecture
 from smoothcert.bundle import ModelSpec, SigmaRange, save_bundle, zip_bundle
 from smoothcert.results import DEFAULT_NUMERIC_MODE as NUMERIC_MODE
+from smoothcert.results import memory_namespace
 
 SHAPE = (1, 4, 4)
 LABELS = ("low", "high")
@@ -25,7 +26,7 @@ SCALE = 40.0  # logit gap per unit of mean pixel: sharp, still exact (a half-spa
 def make_bundle(directory: pathlib.Path) -> tuple[str, dict, bytes]:
     """A linear bundle: class 1 iff mean pixel > 0.5. Returns (digest, model.json, zip).
 
-    Its smoothed classifier is exact (ALGORITHMS.md §8): the robust radius of x is the
+    Its smoothed classifier is exact (docs/algorithms.md §8): the robust radius of x is the
     distance to the hyperplane, 4·|mean(x) − 0.5|."""
     spec = ModelSpec(name="tiny", input_shape=SHAPE, num_classes=2, labels=LABELS,
                      sigma=SigmaRange(0.25, 0.05, 1.0), architecture="linear")
@@ -52,8 +53,9 @@ def store_for(settings: Settings) -> Store:
                           job_ttl_seconds=settings.job_ttl_seconds)
 
 
-def namespace(digest: str) -> str:
-    return f"{digest}/{NUMERIC_MODE}"
+def namespace(digest: str, numeric_mode: str = NUMERIC_MODE, alpha: float = 0.001) -> str:
+    """The memory a CPU worker keeps for this model, numeric mode and α."""
+    return memory_namespace(digest, numeric_mode, "cpu", alpha)
 
 
 def npy(x: np.ndarray) -> bytes:
@@ -89,14 +91,19 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def run_jobs_in_process(redis_url: str, job_ids: list[str], barrier) -> None:
+# A memory of weak certificates (large α, small n) for the tests that need the rule to act
+# often: radii overshoot, balls conflict. Never a service default.
+LAX_MEMORY = {"max_alpha": 0.3, "memory_alphas": [0.3], "memory_min_n": 50}
+
+
+def run_jobs_in_process(redis_url: str, job_ids: list[str], barrier, overrides: dict | None = None) -> None:
     """A worker process of the concurrency test: its own Store, runtime and memory copy."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     from workers.jobs import run_job
     from workers.runtime import ModelRuntime
 
-    settings = settings_for(redis_url)
+    settings = settings_for(redis_url, **(overrides or {}))
     store = store_for(settings)
     runtime = ModelRuntime(store, settings)
     barrier.wait(timeout=60)  # start together, so commits really race

@@ -75,3 +75,35 @@ def test_a_certificate_is_derived_again_from_what_it_shows(world, request_):
     assert again.model_digest == registered
     if search:
         assert json.loads(json.dumps(dataclasses.asdict(again.search))) == result["search"]
+
+
+def test_a_memory_answer_is_derived_from_the_certificate_it_names(world):
+    """An answer from the memory names its root (entry and job) and reports that
+    certificate's sampling, so an auditor re-derives it: the root's radius from its bound and
+    the σ its noise had, less the distance from the root's input. Never the request's own n
+    or α: a lax certificate could otherwise be shown as a strict one."""
+    import numpy as np
+
+    from smoothcert import bounds
+
+    client, store, runtime, settings = world
+    image_b64 = base64.b64encode(IMAGE.read_bytes()).decode()
+    x = check_shape(decode_image(IMAGE.read_bytes(), channels=1), (1, 8, 8))
+    near = x.copy()
+    near[0, 0, 0] = min(1.0, near[0, 0, 0] + 0.01)
+    ids = []
+    for body in ({"input": {"image_b64": image_b64}, "n": 1000},
+                 {"input": {"tensor": near.tolist()}, "n": 5000, "n0": 50}):
+        r = client.post("/v1/certifications", json={"model": "digits", "sigma": 0.25, "memory": True, **body})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+        assert run_job(store, runtime, ids[-1], settings) == "succeeded"
+    root, answer = (client.get(f"/v1/certifications/{i}").json()["result"] for i in ids)
+    assert root["memory"]["outcome"] == "new" and answer["memory"]["outcome"] == "inside"
+    assert answer["memory"]["root_job"] == ids[0] and answer["memory"]["root"] == root["memory"]["entry"]
+    for field in ("sigma", "bound", "n0", "n", "alpha", "p_a_lower", "noise_sigma", "noise_tail"):
+        assert answer[field] == root[field], field  # the root's, not this request's n = 5000, n0 = 50
+    derived = bounds.cohen_radius(root["noise_sigma"], root["p_a_lower"])
+    distance = float(np.linalg.norm(near.astype(np.float64) - x.astype(np.float64)))
+    assert root["radius"] <= derived and answer["radius"] <= derived - distance
+    assert answer["guarantee"]["scope"] == "memory" and ids[0] in answer["guarantee"]["statement"]

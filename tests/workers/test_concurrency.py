@@ -1,8 +1,7 @@
-"""Several worker processes certify with the shared memory at once (DESIGN.md, "The memory
-under concurrency"): inputs close together on both sides of the decision boundary, so that
-balls conflict and commits race. Afterwards the committed log keeps the invariant, every
-job committed exactly one entry (none when the memory answered it), and every job's
-certificate is its entry."""
+"""Several worker processes certify with the shared memory at once (docs/memory.md): inputs
+close together on both sides of the decision boundary, so that balls conflict and commits
+race. Afterwards the committed log keeps the invariant, every job committed exactly one
+entry (none when the memory answered it), and every job's certificate is its entry."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from smoothcert.memory import ABSTAIN, invariant_violations
-from tests.workers.helpers import SHAPE, namespace, new_job, run_jobs_in_process
+from tests.workers.helpers import LAX_MEMORY, SHAPE, namespace, new_job, run_jobs_in_process
 from workers.shared_memory import decode_entry
 
 PROCESSES = 2
@@ -40,7 +39,7 @@ def test_parallel_workers_keep_the_memory_consistent(store, digest, redis_url):
             for k, x in enumerate(inputs())]
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(PROCESSES)
-    procs = [ctx.Process(target=run_jobs_in_process, args=(redis_url, jobs[i::PROCESSES], barrier))
+    procs = [ctx.Process(target=run_jobs_in_process, args=(redis_url, jobs[i::PROCESSES], barrier, LAX_MEMORY))
              for i in range(PROCESSES)]
     try:
         for p in procs:
@@ -53,7 +52,7 @@ def test_parallel_workers_keep_the_memory_consistent(store, digest, redis_url):
             if p.is_alive():
                 p.kill()
 
-    entries = [decode_entry(b) for b in store.memory_entries(namespace(digest))]
+    entries = [decode_entry(b) for b in store.memory_entries(namespace(digest, alpha=0.3))]
     points = torch.from_numpy(np.stack([e.values for e in entries]))
     classes = torch.tensor([e.prediction for e in entries])
     radii = torch.tensor([e.radius for e in entries], dtype=torch.float64)
@@ -74,8 +73,9 @@ def test_parallel_workers_keep_the_memory_consistent(store, digest, redis_url):
         assert by_job[job_id] == 1
         e = entries[int(m["entry"])]
         assert e.job_id == job_id
-        assert (r["prediction"], r["radius"], r["sigma"], m["outcome"], m["radius_before"]) == \
-            (None if e.prediction == ABSTAIN else e.prediction, e.radius, e.sigma, e.outcome, e.radius_before)
+        expected = (None if e.prediction == ABSTAIN else e.prediction, e.radius, e.provenance.sigma, e.outcome,
+                    e.radius_before)
+        assert (r["prediction"], r["radius"], r["sigma"], m["outcome"], m["radius_before"]) == expected
     assert len(entries) == len(jobs) - answered and sum(by_job.values()) == len(entries)
     outcomes = Counter(e.outcome for e in entries)
     assert outcomes["shrunk"] + outcomes["inside"] > 0, outcomes  # the rule really acted

@@ -7,7 +7,7 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
 from service.store import Store
-from tests.workers.helpers import constant, distance_to_boundary, new_job, store_for
+from tests.workers.helpers import constant, distance_to_boundary, namespace, new_job, store_for
 from workers.jobs import ProgressWriter, run_job
 from workers.runtime import ModelRuntime
 
@@ -162,7 +162,7 @@ def test_full_memory_fails_as_memory_full(store, settings, digest):
     assert run_job(store, runtime, first, small) == "succeeded"
     assert run_job(store, runtime, second, small) == "failed"
     assert store.get_job(second).error["code"] == "memory_full"
-    assert store.memory_size(f"{digest}/fp32")[0] == 1
+    assert store.memory_size(namespace(digest))[0] == 1
 
 
 class Failing(Store):

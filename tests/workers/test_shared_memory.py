@@ -1,5 +1,6 @@
 """The memory protocol through a real redis-server: the rule's outcomes, answers from the
-memory, redelivery, and the conflict, stale, duplicate and full paths of the commit."""
+memory, redelivery, the conflict, stale, duplicate, full and quota paths of the commit, and
+what an entry records of its root."""
 
 from __future__ import annotations
 
@@ -10,21 +11,24 @@ import pytest
 import torch
 
 from service.store import Store
+from smoothcert.bounds import InvalidParameters
 from smoothcert.bundle import load_bundle
 from smoothcert.certifier import Certifier
 from smoothcert.memory import ABSTAIN, MemoryFull, invariant_violations
-from smoothcert.results import Certificate
+from smoothcert.results import Certificate, Provenance
 from tests.workers.helpers import SHAPE, constant
 from workers.shared_memory import (
     Entry,
+    MemoryQuota,
     SharedMemory,
     certify_with_memory,
     decode_entry,
     encode_entry,
+    make_entry,
 )
 
 DIM = math.prod(SHAPE)
-NS = "sha256:test/fp32"
+NS = "sha256:test/fp32/cpu/0.001"
 
 
 def point(*values: float) -> torch.Tensor:
@@ -34,9 +38,10 @@ def point(*values: float) -> torch.Tensor:
     return x.reshape(SHAPE)
 
 
-def cert(prediction: int | None, radius: float, sigma: float = 0.25) -> Certificate:
-    return Certificate(prediction=prediction, radius=radius, sigma=sigma, bound="cohen", n0=10,
-                       n=100, alpha=0.001, batch_size=100, seed=1, n_a=99, p_a_lower=0.9)
+def cert(prediction: int | None, radius: float, sigma: float = 0.25, **kw) -> Certificate:
+    base = dict(prediction=prediction, radius=radius, sigma=sigma, bound="cohen", n0=10, n=100, alpha=0.001,
+                batch_size=100, seed=1, n_a=99, p_a_lower=0.9)
+    return Certificate(**(base | kw))
 
 
 def log(store: Store, ns: str = NS) -> list[Entry]:
@@ -48,16 +53,20 @@ def shared(store: Store, capacity: int = 100) -> SharedMemory:
 
 
 def test_entries_round_trip_through_bytes():
-    e = Entry(ABSTAIN, 0.0, 0.5, "shrunk", 1, 0.25, 3, math.nan, "job-é", np.arange(DIM, dtype=np.float32))
+    root = Provenance(root=7, sigma=0.5, bound="drs", n0=10, n=2000, alpha=0.01, level=0.0025, sampling="sequential",
+                      p_a_lower_halves=(0.9, 0.8), noise_sigma=0.4999, noise_tail=1e-6)
+    e = make_entry(ABSTAIN, 0.0, "shrunk", 1, 0.25, 0.3, 3, root, "job-é", np.arange(DIM, dtype=np.float32))
     back = decode_entry(encode_entry(e))
-    assert (back.prediction, back.radius, back.sigma, back.outcome, back.prediction_before,
-            back.radius_before, back.conflict, back.job_id) == (ABSTAIN, 0.0, 0.5, "shrunk", 1, 0.25, 3, "job-é")
-    assert math.isnan(back.p_a_lower) and np.array_equal(back.point, e.point)
+    assert (back.prediction, back.radius, back.outcome, back.prediction_before, back.radius_before,
+            back.sigma_before, back.conflict, back.job_id) == (ABSTAIN, 0.0, "shrunk", 1, 0.25, 0.3, 3, "job-é")
+    assert back.provenance == root and np.array_equal(back.point, e.point)
+    own = make_entry(1, 0.5, "new", 1, 0.5, 0.3, -1, Provenance.of(cert(1, 0.5)), "j", e.point)
+    assert decode_entry(encode_entry(own)).provenance.root is None  # its own root, index known once read
 
 
 def test_new_shrunk_and_inside_through_the_store(store):
     mem = shared(store)
-    a = mem.commit("a", point(0.0), cert(1, 1.0))
+    a = mem.commit("a", point(0.0), cert(1, 1.0, sigma=0.5, p_a_lower=0.95))
     b = mem.commit("b", point(1.5), cert(0, 1.0))  # touches a: shrinks to 1.5 − 1.0
     c = mem.commit("c", point(0.3), cert(0, 0.2))  # lies in a: takes a's class
     assert (a.memory.outcome, a.prediction, a.radius, a.memory.entry) == ("new", 1, 1.0, 0)
@@ -71,7 +80,15 @@ def test_new_shrunk_and_inside_through_the_store(store):
     assert [e.radius for e in entries] == [a.radius, b.radius, c.radius]
     fresh = shared(store)  # another worker's copy sees the same certificates
     fresh.sync()
-    assert fresh.certificate_of(1, cert(0, 1.0)) == b
+    again = fresh.certificate_of(1, cert(0, 1.0))
+    assert (again.prediction, again.radius, again.sigma, again.p_a_lower, again.memory) == \
+        (b.prediction, b.radius, b.sigma, b.p_a_lower, b.memory)
+    # c is "inside": it names a as its root and reports a's sampling, never its own run's
+    # σ and bound beside a's class and radius; what it sampled itself is "before".
+    assert c.memory.root == 0 and c.memory.root_job == "a" and (c.sigma, c.p_a_lower) == (0.5, 0.95)
+    assert (c.memory.sigma_before, c.memory.radius_before) == (0.25, 0.2)
+    assert entries[2].provenance.root == 0 and entries[2].provenance.sigma == 0.5
+    assert a.memory.root == 0 and b.memory.root == 1 and b.memory.root_job == "b"
 
 
 class Racing(Store):
@@ -134,10 +151,39 @@ def test_a_job_commits_once(store):
     first, second = shared(store), shared(store)
     a = first.commit("job", point(0.0), cert(1, 1.0))
     b = second.commit("job", point(0.0), cert(1, 1.0))  # a second run of the same job
-    assert b == a and len(log(store)) == 1
-    c = second.commit("job", point(3.0), cert(0, 0.2))  # a run that came out differently
+    assert (b.prediction, b.radius, b.memory) == (a.prediction, a.radius, a.memory) and len(log(store)) == 1
+    c = second.commit("job", point(3.0), cert(0, 0.2, sigma=0.9, p_a_lower=0.6))  # a run that came out differently
     assert (c.prediction, c.radius, c.memory) == (a.prediction, a.radius, a.memory)
-    assert c.n_a is None  # its sampling fields did not produce the entry
+    assert c.n_a is None and (c.sigma, c.p_a_lower) == (0.25, 0.9)  # the entry's sampling, not this run's
+
+
+def test_a_memory_takes_only_its_level_and_at_least_min_n(store):
+    mem = SharedMemory(store, NS, DIM, capacity=100, min_n=100)
+    with pytest.raises(InvalidParameters, match="not 0.05"):
+        mem.commit("lax", point(0.0), cert(1, 1.0, alpha=0.05))
+    with pytest.raises(InvalidParameters, match="at least n=100"):
+        mem.commit("cheap", point(0.0), cert(None, 0.0, n=11))
+    assert log(store) == []
+
+
+def test_each_key_commits_at_most_its_quota_to_a_model(store):
+    """The quota counts per key over all of a model's memories, in the commit script itself;
+    another key, and answers from the memory, are not affected."""
+    mine = SharedMemory(store, NS, DIM, capacity=100, quota=2)
+    strict = SharedMemory(store, NS.replace("/0.001", "/0.01"), DIM, capacity=100, quota=2)
+    mine.commit("a1", point(0.0), cert(1, 0.5), owner="A")
+    strict.commit("a2", point(9.0), cert(1, 0.5, alpha=0.01), owner="A")
+    with pytest.raises(MemoryQuota, match="quota"):
+        mine.commit("a3", point(5.0), cert(1, 0.5), owner="A")
+    with pytest.raises(MemoryQuota):
+        mine.check_quota("A")  # refused before any sampling, too
+    mine.commit("b1", point(5.0), cert(0, 0.5), owner="B")
+    assert store.memory_commits_of("sha256:test", "A") == 2 and store.memory_commits_of("sha256:test", "B") == 1
+    assert [e.job_id for e in log(store)] == ["a1", "b1"]
+    assert store.memory_namespaces("sha256:test") == sorted([NS, NS.replace("/0.001", "/0.01")])
+    assert mine.answer(point(0.1), cert(None, 0.0)).prediction == 1  # answers need no quota
+    store.memory_reset_model("sha256:test")
+    assert store.memory_commits_of("sha256:test", "A") == 0
 
 
 def test_full_memory_is_an_error_not_an_eviction(store):
@@ -154,7 +200,7 @@ def certifier(bundle) -> Certifier:
 
 
 def test_certify_with_memory_answers_redelivers_and_commits_once(store, certifier):
-    mem = SharedMemory(store, certifier.namespace, DIM, capacity=100)
+    mem = SharedMemory(store, certifier.memory_namespace(0.001), DIM, capacity=100)
     kw = {"n0": 20, "n": 500, "alpha": 0.001, "batch_size": 500, "seed": 3}
     first = certify_with_memory(certifier, mem, constant(0.9), "job-1", **kw)
     assert first.memory.outcome == "new" and first.memory.entry == 0 and first.samples == 520
@@ -167,14 +213,17 @@ def test_certify_with_memory_answers_redelivers_and_commits_once(store, certifie
     answered = certify_with_memory(certifier, mem, near, "job-2", **kw)
     assert answered.samples == 0 and answered.memory.outcome == "inside" and answered.memory.entry is None
     assert answered.memory.conflict == 0 and 0 < answered.radius < first.radius
-    assert store.memory_size(certifier.namespace)[0] == 1
-    assert store.memory_entry_of(certifier.namespace, "job-2") is None
+    assert answered.memory.root_job == "job-1" and answered.sigma == first.sigma
+    assert store.memory_size(certifier.memory_namespace(0.001))[0] == 1
+    assert store.memory_entry_of(certifier.memory_namespace(0.001), "job-2") is None
+    with pytest.raises(InvalidParameters, match="not this model's memory at alpha=0.01"):
+        certify_with_memory(certifier, mem, constant(0.2), "job-3", **{**kw, "alpha": 0.01})
 
 
 def test_sequential_certificates_commit_redeliver_and_answer_like_fixed_ones(store, certifier):
     # The rule sees only the certificate: a sequential one (stopped at an early look) commits
-    # its radius; what the memory does not keep (the look's level) is not claimed afterwards.
-    mem = SharedMemory(store, certifier.namespace, DIM, capacity=100)
+    # its radius, and the entry keeps the look's level, which every answer from it reports.
+    mem = SharedMemory(store, certifier.memory_namespace(0.001), DIM, capacity=100)
     kw = {"n0": 20, "n": 8000, "alpha": 0.001, "batch_size": 500, "seed": 3,
           "sampling": "sequential", "target_radius": 0.1}
     first = certify_with_memory(certifier, mem, constant(0.55), "job-1", **kw)
@@ -183,32 +232,34 @@ def test_sequential_certificates_commit_redeliver_and_answer_like_fixed_ones(sto
     again = certify_with_memory(certifier, shared_copy(store, certifier), constant(0.55), "job-1", **kw)
     assert again.samples == 0 and again.memory == first.memory
     assert (again.prediction, again.radius, again.p_a_lower) == (first.prediction, first.radius, first.p_a_lower)
-    assert again.look_alpha is None and again.sampling == "sequential"
-    # Two deliveries of one job raced: the later run's own look is not claimed for the entry.
+    assert again.look_alpha == first.look_alpha and again.sampling == "sequential" and again.n == first.n
+    # Two deliveries of one job raced: the entry's look is reported, never the later run's own.
     late = certifier.certify(constant(0.55), **{**kw, "seed": 4})
     assert late.radius != first.radius and late.look_alpha is not None
     raced = mem.commit("job-1", certifier.tensor(constant(0.55)), late)
-    assert (raced.radius, raced.memory.entry) == (first.radius, 0) and raced.look_alpha is None
+    assert (raced.radius, raced.memory.entry, raced.look_alpha, raced.n) == (first.radius, 0, first.look_alpha,
+                                                                             first.n)
     near = constant(0.55)
     near[0, 0, 0] += 0.01
     answered = certify_with_memory(certifier, mem, near, "job-2", **kw)
-    assert answered.samples == 0 and answered.memory.outcome == "inside" and answered.look_alpha is None
+    assert answered.samples == 0 and answered.memory.outcome == "inside" and answered.look_alpha == first.look_alpha
     assert 0 < answered.radius < first.radius
     # A later fixed-n job sees the sequential entry as any other ball.
     fixed = certify_with_memory(certifier, mem, near, "job-3", **{**kw, "sampling": "fixed", "target_radius": None})
     assert fixed.memory.outcome == "inside" and fixed.radius == answered.radius
-    assert store.memory_size(certifier.namespace)[0] == 1
+    assert store.memory_size(certifier.memory_namespace(0.001))[0] == 1
 
 
 def shared_copy(store: Store, certifier: Certifier) -> SharedMemory:
-    return SharedMemory(store, certifier.namespace, DIM, capacity=100)
+    return SharedMemory(store, certifier.memory_namespace(0.001), DIM, capacity=100)
 
 
 # --- entries in their original dtype, paged syncs -------------------------------------
 
 
 def entry(job_id: str, point: np.ndarray, prediction: int = 0, radius: float = 0.1) -> Entry:
-    return Entry(prediction, radius, 0.25, "new", prediction, radius, -1, 0.9, job_id, point)
+    return make_entry(prediction, radius, "new", prediction, radius, 0.25, -1, Provenance.of(cert(prediction, radius)),
+                      job_id, point)
 
 
 def test_pixel_images_travel_as_uint8_and_others_as_float32():
@@ -226,17 +277,14 @@ def test_pixel_images_travel_as_uint8_and_others_as_float32():
         encode_entry(entry("a", np.full(DIM, 0.1, dtype=np.float64)))
 
 
-def test_format_version_1_entries_are_still_read():
-    import struct
-
-    head = struct.pack("<BiddBidqdH", 1, 2, 0.5, 0.25, 2, 3, 0.75, 4, 0.9, 3)
-    values = np.linspace(0, 1, DIM, dtype=np.float32)
-    e = decode_entry(head + b"old" + values.tobytes())
-    assert (e.prediction, e.radius, e.sigma, e.outcome, e.prediction_before, e.radius_before, e.conflict,
-            e.p_a_lower, e.job_id) == (2, 0.5, 0.25, "shrunk", 3, 0.75, 4, 0.9, "old")
-    assert e.point.dtype == np.float32 and np.array_equal(e.values, values)
-    with pytest.raises(RuntimeError, match="unknown format version 9"):
-        decode_entry(b"\x09" + head[1:])
+def test_entries_of_other_format_versions_are_refused():
+    """Versions 1 and 2 carried no level and no provenance: their memories live under other
+    namespaces and are never read; an entry of another version in a log is an error."""
+    raw = bytearray(encode_entry(entry("a", np.zeros(DIM, dtype=np.float32))))
+    for version in (1, 2, 9):
+        raw[0] = version
+        with pytest.raises(RuntimeError, match=f"unknown format version {version}"):
+            decode_entry(bytes(raw))
 
 
 def test_a_log_of_both_dtypes_syncs_exactly(store):

@@ -66,7 +66,7 @@ def check_log(store, ns: str, results: dict[str, Certificate], copies: list[Shar
         e = entries[got.memory.entry]
         assert e.job_id == job_id
         assert (got.prediction, got.radius, got.sigma, got.memory.outcome) == \
-            (None if e.prediction == ABSTAIN else e.prediction, e.radius, e.sigma, e.outcome)
+            (None if e.prediction == ABSTAIN else e.prediction, e.radius, e.provenance.sigma, e.outcome)
     for copy in copies:  # each local copy is the log, entry for entry
         copy.sync()
         assert torch.equal(point_values(copy.local.points), points)
@@ -77,7 +77,7 @@ def check_log(store, ns: str, results: dict[str, Certificate], copies: list[Shar
 @pytest.mark.timeout(120)
 def test_threads_certify_and_commit_through_one_shared_memory(store, bundle):
     certifier = Certifier(load_bundle(bundle[2]), device="cpu")
-    ns = certifier.namespace
+    ns = certifier.memory_namespace(0.3)
     mine, other = (SharedMemory(store, ns, DIM, capacity=1000) for _ in range(2))
     rng = np.random.default_rng(0)
     inputs = []
@@ -100,7 +100,7 @@ def test_threads_certify_and_commit_through_one_shared_memory(store, bundle):
 
 @pytest.mark.timeout(120)
 def test_many_threads_commit_conflicting_balls_through_one_shared_memory(store):
-    ns = "sha256:threads/fp32"
+    ns = "sha256:threads/fp32/cpu/0.001"
     mine, other = (SharedMemory(store, ns, DIM, capacity=10_000) for _ in range(2))
     g = torch.Generator().manual_seed(1)
     points = torch.rand(160, DIM, generator=g) * 0.6

@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 
-from tests.workers.helpers import constant, new_job, settings_for
+from tests.workers.helpers import constant, namespace, new_job, settings_for
 from workers.jobs import run_job
 from workers.runtime import ModelRuntime
 
@@ -47,7 +47,7 @@ def test_numeric_mode_reaches_the_certificate_and_the_memory_namespace(store, ru
     job_id = new_job(store, digest, constant(0.8), numeric_mode="bf16", memory=True)
     assert run_job(store, runtime, job_id, settings) == "succeeded"
     assert store.get_job(job_id).result["numeric_mode"] == "bf16"
-    assert store.memory_size(f"{digest}/bf16")[0] == 1 and store.memory_size(f"{digest}/fp32")[0] == 0
+    assert store.memory_size(namespace(digest, "bf16"))[0] == 1 and store.memory_size(namespace(digest))[0] == 0
 
 
 def test_a_cuda_only_mode_on_a_cpu_worker_is_an_invalid_request(store, runtime, settings, digest):
