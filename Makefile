@@ -29,7 +29,7 @@ up: $(STAMP) redis-server
 # Every benchmark (BENCHMARKS.md): each prints its ratios and PASS/FAIL lines and writes
 # its numbers to $(BENCH_OUT)/<name>.json; the summary repeats the verdicts. Not part of test.
 BENCH_OUT ?= benchmarks/results
-BENCHMARKS ?= sampler batching adaptive adaptive_limits memory api
+BENCHMARKS ?= sampler batching adaptive adaptive_limits memory api remote
 bench: $(STAMP) redis-server
 	mkdir -p $(BENCH_OUT)
 	@for b in $(BENCHMARKS); do \

@@ -137,6 +137,7 @@ class CertificateResult:
     guarantee: dict[str, str] | None = None  # {"scope", "statement"}: what the certificate promises, in words
     seed: int | None = None
     seed_source: str | None = None  # "server" (drawn by the service) or "caller" (a caller's seed guarantees nothing)
+    remote: dict[str, Any] | None = None  # a remote model: {endpoint, model, version, canary_digest}
     model: ModelRef | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -41,8 +41,8 @@ EXPOSE 5555
 CMD ["celery", "-A", "workers.celery_app", "flower", "--port=5555"]
 
 
-# The default target (last stage): the worker. One process, one task at a time: a task
-# already uses every core through torch, and prefetch 1 keeps queued jobs free for others.
+# The default target (last stage): the worker, on the CPU queues only (service/queue.py), its
+# jobs as 8 threads of one process; prefetch 1 keeps queued jobs free for other workers.
 FROM runtime AS worker
 USER smoothcert
 CMD ["celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO", \

@@ -36,5 +36,7 @@ RUN pip install --no-deps . \
     && useradd --create-home --uid 10001 smoothcert
 
 USER smoothcert
+# The CUDA queues only (service/queue.py): CPU jobs stay with CPU workers, and a worker that
+# finds no GPU refuses to start (workers/celery_app.py) instead of failing CUDA jobs.
 CMD ["celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO", \
-     "-Q", "certifications,predictions,evaluations", "--pool=threads", "--concurrency=16"]
+     "-Q", "certifications-cuda,predictions-cuda,evaluations-cuda", "--pool=threads", "--concurrency=16"]

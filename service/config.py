@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     # noeviction, a master): an acknowledged commit lost in a crash breaks consistency
     # silently. False only where Redis is durable by means the check cannot see.
     memory_durability_check: bool = True
+
+    # Remote base classifiers (bundle kind "remote": a model served over the Open Inference
+    # Protocol v2; docs/bundles.md). Only endpoints under one of `remote_endpoints` may be
+    # registered or called (http(s)://host:port[/prefix]; empty: none); `remote_tokens` maps an
+    # endpoint origin ("https://host:port") to the bearer token sent to it, as JSON; a secret:
+    # never in a bundle. `remote_ca_file`: a CA bundle for TLS (default: the system's).
+    remote_endpoints: Annotated[list[str], NoDecode] = []
+    remote_tokens: dict[str, str] = {}
+    remote_ca_file: str | None = None
     # Jobs running as threads of one worker (`--pool threads`) share one sampling thread that
     # merges their batches (smoothcert.batching); off: each job runs its own passes. None: on
     # for CUDA workers, off on CPUs, where merged passes measured slower than each job's own
@@ -98,7 +107,7 @@ class Settings(BaseSettings):
     # reliability scenario reliability/worker_crash.py can kill it inside that window.
     pause_after_commit_seconds: Annotated[float, Field(ge=0, le=60)] = 0.0
 
-    @field_validator("api_keys", "admin_keys", "memory_alphas", mode="before")
+    @field_validator("api_keys", "admin_keys", "memory_alphas", "remote_endpoints", mode="before")
     @classmethod
     def _split(cls, value):
         if isinstance(value, str):
@@ -124,6 +133,23 @@ class Settings(BaseSettings):
     # How long the broker waits before handing an unacknowledged task (its worker died) to
     # another worker; None: the job time limit plus five minutes.
     visibility_timeout_seconds: Positive | None = None
+
+    # Queues by device (service/queue.py; docs/deployment.md, "Scaling out"). Each device type
+    # has its own queues, consumed only by workers on it; this names the device types this
+    # deployment runs workers for, in order of preference ("cpu", "cuda", "cpu,cuda"). A job
+    # goes to the queue of the first that can run its numeric mode (fp16 and +cuda_graphs need
+    # CUDA), and a request none can run is refused at submit (422 numeric_mode_unavailable)
+    # rather than failed late by a worker. Configuration, not the live workers: it holds while
+    # an autoscaler has scaled a device's workers to zero. The order also picks the device, and
+    # so the memory (docs/memory.md), of jobs that every device could run.
+    queue_devices: Annotated[list[str], NoDecode] = ["cpu"]
+
+    @field_validator("queue_devices", mode="before")
+    @classmethod
+    def _queue_devices(cls, value):
+        from service.queue import check_devices  # the one place for queues (it imports celery)
+
+        return check_devices(value)
 
     @property
     def rate_burst(self) -> int:

@@ -3,7 +3,9 @@
 Every error the API answers has the body `{"error": {"code": "...", "message": "..."}}`
 (docs/api.md), whatever raised it: an `APIError` from our code, a request FastAPI could not
 validate, Starlette's HTTP errors (unknown route, body too large), the job store being down,
-or a bug (a generic 500 that reveals nothing; the traceback goes to the log).
+or a bug (a generic 500 that reveals nothing; the traceback goes to the log). The Open
+Inference Protocol routes (`/v2`, `/v2/...`) answer the protocol's `{"error": "<message>"}`
+instead, and 400 where the rest of the API answers 422 (`error_response`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,22 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+def is_oip(path: str) -> bool:
+    """A route of the Open Inference Protocol (v2): `/v2` and everything under it."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_response(path: str, status: int, code: str, message: str, *,
+                   headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """The error answer for a request to `path`. On the OIP routes the body is the protocol's
+    `{"error": "<message>"}` (its clients read a string; an object crashes their handlers) and
+    a malformed request is 400 as the protocol has it (422 elsewhere); `extra` fields are left
+    out there, so a message that must name something (a job id) names it in its words."""
+    if is_oip(path):
+        return JSONResponse({"error": message}, 400 if status == 422 else status, headers=headers)
+    return JSONResponse(error_body(code, message, **extra), status, headers=headers)
+
+
 def describe_validation(errors: list[dict[str, Any]], limit: int = 5) -> str:
     """Pydantic's errors as one readable line: `field.path: reason; ...`."""
     parts = []
@@ -100,12 +118,12 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
 
 
 async def api_error(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.code, exc.message, **exc.extra), exc.status,
-                        headers=exc.headers)
+    return error_response(request.scope["path"], exc.status, exc.code, exc.message, headers=exc.headers,
+                          **exc.extra)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(error_body("invalid_request", describe_validation(list(exc.errors()))), 422)
+    return error_response(request.scope["path"], 422, "invalid_request", describe_validation(list(exc.errors())))
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -117,17 +135,17 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     else:
         message = HTTPStatus(status).phrase
     code = _HTTP_CODES.get(status, f"http_{status}")
-    return JSONResponse(error_body(code, message), status, headers=getattr(exc, "headers", None))
+    return error_response(request.scope["path"], status, code, message, headers=getattr(exc, "headers", None))
 
 
 async def store_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("job store unreachable: %s", type(exc).__name__)
-    return JSONResponse(error_body("unavailable", REDIS_DOWN), 503, headers={"Retry-After": "5"})
+    return error_response(request.scope["path"], 503, "unavailable", REDIS_DOWN, headers={"Retry-After": "5"})
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(error_body("internal", "an internal error occurred; it has been logged"), 500)
+    return error_response(request.scope["path"], 500, "internal", "an internal error occurred; it has been logged")
 
 
 class BodyTooLarge(HTTPException):
@@ -187,8 +205,8 @@ async def _send_error(scope: Scope, send: Send, exc: HTTPException) -> None:
     async def nothing() -> Message:
         return {"type": "http.disconnect"}
 
-    body = error_body(_HTTP_CODES[exc.status_code], str(exc.detail))
-    await JSONResponse(body, exc.status_code)(scope, nothing, send)
+    response = error_response(scope["path"], exc.status_code, _HTTP_CODES[exc.status_code], str(exc.detail))
+    await response(scope, nothing, send)
 
 
 def install(app: FastAPI) -> None:

@@ -1,5 +1,6 @@
-"""The API's side of a job: submit (per-key rate and quota, queue limit, store, enqueue by
-name), find (only the caller's own, only of the route's kind), long-poll, cancel.
+"""The API's side of a job: submit (per-key rate and quota, the queue its numeric mode needs,
+queue limit, store, enqueue by name), find (only the caller's own, only of the route's kind),
+long-poll, cancel.
 
 Store and broker calls block, so the async routes run them in the thread pool; a long poll
 holds no thread while it sleeps.
@@ -91,15 +92,26 @@ def reserve_slot(store: Store, settings: Settings, caller: Caller) -> str | None
     return slot
 
 
+def choose_queue(settings: Settings, kind: JobKind, request: dict[str, Any]) -> str:
+    """The queue of the job (service.queue.route, from its numeric mode and
+    SMOOTHCERT_QUEUE_DEVICES); 422 numeric_mode_unavailable when no declared queue runs it."""
+    try:
+        return queue.route(kind, request.get("numeric_mode"), settings.queue_devices)
+    except queue.NoQueue as exc:
+        raise APIError(422, "numeric_mode_unavailable", str(exc)) from None
+
+
 def submit_blocking(store: Store, settings: Settings, caller: Caller, kind: JobKind, model: ModelRecord,
                     request: dict[str, Any], input_bytes: bytes, idempotency_key: str | None,
                     seed_given: bool) -> JobRecord:
     """`submit` without the thread pool, for a caller already in it."""
+    target = choose_queue(settings, kind, request)  # before anything is stored or held
     slot, created_id = reserve_slot(store, settings, caller), None
     try:
         job, created = store.create_job(kind, model=model.name, digest=model.digest, request=request,
                                         input_bytes=input_bytes, owner=caller.owner,
-                                        idempotency_key=idempotency_key, max_open=settings.max_queue)
+                                        idempotency_key=idempotency_key, max_open=settings.max_queue,
+                                        queue=target)
         created_id = job.id if created else None
     except QueueFull:
         raise APIError(429, "queue_full", f"the queue holds {settings.max_queue} open jobs, its "
@@ -123,7 +135,8 @@ def _enqueue(store: Store, settings: Settings, caller: Caller, kind: JobKind, jo
              idempotency_key: str | None) -> None:
     """Send the job's task and record that it was sent; if the broker refuses, fail the job."""
     try:
-        queue.enqueue(settings.redis_url, settings.visibility_timeout, kind, job.id)
+        # The queue stored with the job: a replay sends it where the first attempt chose.
+        queue.enqueue(settings.redis_url, settings.visibility_timeout, kind, job.id, job.queue)
     except Exception as exc:  # broker down or refusing: the job must not wait forever
         store.finish_job(job.id, "failed", only_if="queued", error={
             "code": "enqueue_failed", "message": f"the job could not be queued ({type(exc).__name__})"})

@@ -25,6 +25,7 @@ from service.schemas import (
     CertificationRequest,
     EvaluationParams,
     EvaluationRequest,
+    InferRequest,
     PredictionParams,
     PredictionRequest,
 )
@@ -34,7 +35,7 @@ from smoothcert import __version__
 # Multipart framing around an uploaded bundle, on top of the bundle's own size limit.
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
 _MANUAL_BODIES = (CertificationRequest, CertificationParams, PredictionRequest, PredictionParams,
-                  EvaluationRequest, EvaluationParams)
+                  EvaluationRequest, EvaluationParams, InferRequest)
 
 
 def operation_id(route: APIRoute) -> str:

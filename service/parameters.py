@@ -74,6 +74,19 @@ def worst_tail(spec: ModelSpec) -> float:
     return tail_mass("cpu", "float32", numel // 2 if spec.kind == "drs" else numel, numel)
 
 
+def _remote_rules(p: CertificationParams, spec: ModelSpec) -> None:
+    """A remote model (docs/bundles.md) has no content digest to key a memory by, and runs in
+    its own server's arithmetic: fixed σ, memory off, numeric mode fp32."""
+    if p.sigma_search is not None:
+        raise InvalidRequest(f"sigma_search: model {spec.name!r} is served remotely; a per-input sigma needs the "
+                             "memory, which a remote model (no content digest) cannot have: give a fixed sigma")
+    if p.memory:
+        raise InvalidRequest(f"memory: model {spec.name!r} is served remotely and has no content digest to key a "
+                             "memory by; set memory false")
+    if _mode(p.numeric_mode) != "fp32":
+        raise InvalidRequest(f"numeric_mode: model {spec.name!r} runs in its own server's arithmetic; use fp32")
+
+
 def _shared_memory_rules(p: CertificationParams, settings: Settings) -> None:
     """The shared memory takes only what cannot weaken another caller's answers."""
     if p.alpha not in settings.memory_alphas:
@@ -119,6 +132,8 @@ def certification(p: CertificationParams, spec: ModelSpec, settings: Settings, *
         raise InvalidRequest(f"bound: 'drs' needs a DRS model; {spec.name!r} takes cohen or two_sided")
     if drs and p.sigma_search is not None:
         raise InvalidRequest("sigma_search: not available for DRS models; give a fixed sigma")
+    if spec.kind == "remote":
+        _remote_rules(p, spec)
     try:
         check_certify(p.n0, p.n, p.alpha, p.batch_size, bound, worst_tail(spec))
         tolerance = check_sampling(p.sampling, p.tolerance)
@@ -155,6 +170,8 @@ def prediction(p: PredictOptions, spec: ModelSpec, settings: Settings) -> dict[s
     """The stored request of a prediction: sigma, n, alpha, batch_size, numeric_mode, seed."""
     if spec.kind == "drs":
         raise InvalidRequest(f"model {spec.name!r} is a DRS model: it certifies, it does not predict")
+    if spec.kind == "remote" and _mode(p.numeric_mode) != "fp32":
+        raise InvalidRequest(f"numeric_mode: model {spec.name!r} runs in its own server's arithmetic; use fp32")
     _limit("n", p.n, settings.max_n, "max_n")
     _limit("batch_size", p.batch_size, settings.max_batch_size, "max_batch_size")
     _alpha(p.alpha, settings)

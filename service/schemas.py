@@ -8,9 +8,10 @@ settings (σ range, limits, feasibility) are in `service.parameters`.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.store import JobKind, JobState
 from smoothcert.adaptive import DEFAULT_TOLERANCE, MAX_TOLERANCE
@@ -147,25 +148,57 @@ class PredictionRequest(PredictionParams):
     input: ImageInput
 
 
-class InferTensor(_Strict):
-    """One input tensor of the Open Inference Protocol (v2), data flat in row-major order."""
+# The Open Inference Protocol (v2) request, as its JSON header: what `service.oip` checks
+# against the model and turns into jobs. Its `parameters` are the protocol's: scalars only.
+def _scalars(parameters: dict[str, Any]) -> dict[str, Any]:
+    for key, value in parameters.items():
+        if not (isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))):
+            raise ValueError(f"{key!r} is {type(value).__name__ if value is not None else 'null'}: parameters "
+                             "are scalars (a boolean, an integer, a finite number or a string), never null")
+    return parameters
 
-    name: str
-    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=4)]
-    datatype: Literal["FP32", "UINT8"]
-    data: list[float]
-    parameters: dict[str, Any] | None = None
+
+OIPParameters = Annotated[dict[Annotated[str, Field(max_length=256)], Any], AfterValidator(_scalars),
+                          Field(max_length=64, description="scalars only: boolean, integer, number or string")]
 
 
-class InferParameters(PredictOptions):
-    pass
+def _one_input(inputs: list[Any]) -> list[Any]:
+    if len(inputs) != 1:
+        raise ValueError(f"the model takes exactly one input tensor, got {len(inputs)}: send several images "
+                         "as one batch tensor of shape [B, C, H, W]")
+    return inputs
+
+
+class InferInputTensor(_Strict):
+    """One input tensor: `data` in row-major order, flat or nested to the shape, or (binary
+    tensor extension) `parameters.binary_data_size` bytes after the JSON header."""
+
+    name: Annotated[str, Field(max_length=256)]
+    shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=4, description=(
+        "[B, C, H, W] or [B, H, W] (one channel) for a batch; [C, H, W] or [H, W] for one image"))]
+    datatype: Annotated[str, Field(max_length=16, description="FP32, FP64, FP16 or UINT8 (0-255, divided by 255)")]
+    parameters: OIPParameters | None = None
+    data: Any = None
+
+
+class InferRequestedOutput(_Strict):
+    """An output asked for by name; `parameters.binary_data` (bool) and `parameters.datatype`
+    ("FP32" for a float output, rounded in its safe direction) say how it is sent."""
+
+    name: Annotated[str, Field(max_length=256)]
+    parameters: OIPParameters | None = None
 
 
 class InferRequest(_Strict):
-    id: str | None = None
-    inputs: Annotated[list[InferTensor], Field(min_length=1, max_length=1)]
-    parameters: InferParameters = InferParameters()
-    outputs: list[dict[str, Any]] | None = None  # accepted and ignored: there is one output
+    """An inference request of the Open Inference Protocol (v2)."""
+
+    id: Annotated[str, Field(max_length=256)] | None = None
+    model_name: Annotated[str, Field(max_length=128)] | None = Field(
+        None, description="optional (KServe's client sends it): must be the model of the URL")
+    inputs: Annotated[list[InferInputTensor], AfterValidator(_one_input), Field(min_length=1, description=(
+        "exactly one tensor: the images, a batch or one"))]
+    outputs: Annotated[list[InferRequestedOutput], Field(max_length=64)] | None = None
+    parameters: OIPParameters | None = None
 
 
 # --- responses --------------------------------------------------------------------------
@@ -279,7 +312,12 @@ class MemoryOut(BaseModel):
 
 
 class HealthOut(BaseModel):
+    """A health probe's answer: `live` and `ready` as the Open Inference Protocol names them
+    (KServe's and Triton's clients read those), `status` as people read it."""
+
     status: str
+    live: bool | None = None
+    ready: bool | None = None
     redis: bool | None = None
     workers: int | None = None
 
@@ -288,12 +326,13 @@ class InferOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[int]
+    parameters: dict[str, bool | int | float | str] | None = None
+    data: list[Any] | None = Field(None, description="absent when sent as binary (parameters.binary_data_size)")
 
 
 class InferOut(BaseModel):
     model_name: str
     model_version: str
-    id: str
+    id: str | None = Field(None, description="the request's id, when it had one")
+    parameters: dict[str, bool | int | float | str]
     outputs: list[InferOutput]
-    parameters: dict[str, Any]

@@ -47,6 +47,7 @@ class JobRecord(BaseModel):
     digest: str
     request: dict[str, Any]
     created: float
+    queue: str | None = None  # the broker queue it was sent to (service/queue.py); None: before queues had devices
     status: JobState = "queued"
     progress: Progress | None = None
     result: dict[str, Any] | None = None
@@ -299,18 +300,20 @@ class Store:
     def create_job(
         self, kind: JobKind, *, model: str, digest: str, request: dict[str, Any],
         input_bytes: bytes, owner: str | None = None, idempotency_key: str | None = None,
-        max_open: int | None = None,
+        max_open: int | None = None, queue: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a queued job and its input; returns (job, created). One round trip.
 
         With an idempotency key, a retry by the same owner returns the first job (created
         False) and stores nothing; a key whose job has expired starts anew. With `max_open`,
         a new job is refused with QueueFull when that many jobs are open (a replay is not).
+        `queue` is recorded with it, for the recovery pass to send it to the same queue.
         """
         job_id = uuid.uuid4().hex
         job = JobRecord(id=job_id, kind=kind, owner=owner, model=model, digest=digest,
-                        request=request, created=time.time())
-        static = job.model_dump_json(include={"id", "kind", "owner", "model", "digest", "request", "created"})
+                        request=request, created=time.time(), queue=queue)
+        static = job.model_dump_json(include={"id", "kind", "owner", "model", "digest", "request", "created",
+                                              "queue"})
         keys = [self._job(job_id), self._input(job_id), self._open(), f"{self.p}:metrics"]
         if idempotency_key is not None:
             keys.append(self._idem(owner, idempotency_key))

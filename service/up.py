@@ -3,9 +3,11 @@
 
 Starts, in order: a private `redis-server` (if none answers at SMOOTHCERT_REDIS_URL, or if
 the one that answers by default would not keep memory commits: `service.durability`), one
-Celery worker, and uvicorn; registers the bundled demo model; generates an admin and a
-user API key, prints them and writes them (with the URL) to the credentials file the client
-CLI reads. Ctrl-C stops everything it started. Nothing here imports torch.
+Celery worker on its device's queues (SMOOTHCERT_DEVICE, else CUDA when torch sees one), and
+uvicorn, which routes jobs to that device only (SMOOTHCERT_QUEUE_DEVICES); registers the
+bundled demo model; generates an admin and a user API key, prints them and writes them (with
+the URL) to the credentials file the client CLI reads. Ctrl-C stops everything it started.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from urllib.parse import urlparse
 
 from service.config import Settings
 from service.durability import durability_problems
-from service.queue import ALL_QUEUES
+from service.queue import cuda_visible, device_type, worker_queues
 from service.store import Store
 from smoothcert.archive import inspect_bundle, read_bundle_files, zip_bundle
 
@@ -80,11 +82,21 @@ def register_bundle(store: Store, source: str | os.PathLike) -> str:
 WORKER_THREADS = 8  # jobs one CPU worker runs at once (docker-compose.yml: 8 CPU, 16 CUDA)
 
 
-def worker_command(name: str) -> list[str]:
-    """One Celery worker on every queue, its jobs as threads of one process so that their
-    forward passes merge (smoothcert.batching), as docker-compose.yml runs it."""
+def worker_command(name: str, device: str = "cpu") -> list[str]:
+    """One Celery worker on the queues of `device` (a device type) and no other, its jobs as
+    threads of one process so that their forward passes merge (smoothcert.batching), as
+    docker-compose.yml runs it."""
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
-            "-Q", ALL_QUEUES, "--pool=threads", f"--concurrency={WORKER_THREADS}", "-n", name]
+            "-Q", worker_queues(device), "--pool=threads", f"--concurrency={WORKER_THREADS}", "-n", name]
+
+
+def worker_device() -> str:
+    """The device type `up`'s worker runs on: SMOOTHCERT_DEVICE's, else "cuda" when torch sees a
+    CUDA device (asked in a child process: nothing here imports torch), else "cpu"."""
+    configured = Settings().device
+    if configured:
+        return device_type(configured)
+    return "cuda" if cuda_visible() else "cpu"
 
 
 # A stop waits this long for open requests, then closes them: a long-poll (?wait= up to 30 s)
@@ -197,14 +209,17 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signum, _interrupt)
     try:
         redis_url = choose_redis(redis_url, explicit, state, procs)
-        env = dict(os.environ, SMOOTHCERT_REDIS_URL=redis_url)
+        # One worker: the API declares its device alone, so no job waits on a queue nobody reads.
+        device = worker_device()
+        env = dict(os.environ, SMOOTHCERT_REDIS_URL=redis_url, SMOOTHCERT_QUEUE_DEVICES=device)
         if keys:
             env["SMOOTHCERT_ADMIN_KEYS"], env["SMOOTHCERT_API_KEYS"] = keys["admin_key"], keys["api_key"]
         store = Store.from_url(redis_url, prefix=Settings().key_prefix)
         names = [register_bundle(store, b) for b in [DEMO_BUNDLE, *args.model]]
         procs.append(subprocess.Popen(
-            worker_command("smoothcert-up@%h"),
-            env=env, cwd=ROOT, stdout=open(state / "worker.log", "ab"), stderr=subprocess.STDOUT,
+            worker_command("smoothcert-up@%h", device),
+            env=env | {"SMOOTHCERT_DEVICE": Settings().device or device}, cwd=ROOT,
+            stdout=open(state / "worker.log", "ab"), stderr=subprocess.STDOUT,
         ))
         procs.append(subprocess.Popen(
             api_command(args.host, args.port),

@@ -196,6 +196,11 @@ def network_names(kind: str, fmt: str) -> list[str]:
 
 
 def network_files(spec: ModelSpec, files: Mapping[str, bytes]) -> list[str]:
+    if spec.kind == "remote":  # the network is served elsewhere: model.json is the whole bundle
+        if stray := [n for n in network_names("standard", "pt2") + network_names("standard", "state_dict")
+                     + network_names("drs", "pt2") + network_names("drs", "state_dict") if n in files]:
+            raise BundleError(f"a remote bundle holds no network file, found {stray}")
+        return []
     pt2, sd = network_names(spec.kind, "pt2"), network_names(spec.kind, "state_dict")
     wanted, other = (sd, pt2) if spec.architecture is not None else (pt2, sd)
     has_wanted, has_other = all(n in files for n in wanted), [n for n in other if n in files]

@@ -3,7 +3,8 @@
 Format (docs/bundles.md): `model.json` and either `model.pt2` (a
 `torch.export` program with a dynamic batch dimension) or `"architecture"` plus `weights.pt`
 (a state dict); `kind: "drs"` bundles hold `left.*` and `right.*`, each taking a half-image
-`[C, H, W/2]`. Guarantees of `load_bundle`:
+`[C, H, W/2]`; `kind: "remote"` bundles are model.json alone, naming a model served over the
+Open Inference Protocol v2 (smoothcert.remote). Guarantees of `load_bundle`:
 
 - nothing from the bundle is unpickled beyond tensors: state dicts go through
   `torch.load(weights_only=True)`, and a `.pt2` archive is vetted first (`smoothcert.pt2check`),
@@ -13,7 +14,9 @@ Format (docs/bundles.md): `model.json` and either `model.pt2` (a
   `normalize` is given) to logits `[B, num_classes]`, gives each image the same logits
   whatever else is in the batch, and is in eval mode with gradients off;
 - `digest` is "sha256:" over the files used (name, NUL, 8-byte big-endian length,
-  content; sorted by name), so a directory and its zip have the same digest.
+  content; sorted by name), so a directory and its zip have the same digest. A remote
+  bundle's digest covers its model.json only: it names the description, not the served
+  model, which its canaries pin instead.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from smoothcert.archive import (
 )
 from smoothcert.manifest import BundleError, ModelSpec, SigmaRange
 from smoothcert.pt2check import check_pt2
+from smoothcert.remote import RemoteClassifier, RemoteOptions
 
 __all__ = [
     "Bundle", "BundleError", "ModelSpec", "SigmaRange", "bundle_digest", "load_bundle",
@@ -63,13 +67,21 @@ class Bundle:
     @property
     def networks(self) -> tuple[nn.Module, ...]:
         """(classifier,) or (left, right)."""
-        return (self.classifier,) if self.spec.kind == "standard" else (self.left, self.right)
+        return (self.left, self.right) if self.spec.kind == "drs" else (self.classifier,)
+
+    @property
+    def remote(self):
+        """The RemoteClassifier of a remote bundle (smoothcert.remote), else None."""
+        return self.classifier if self.spec.kind == "remote" else None
 
     def to(self, device: str | torch.device) -> Bundle:
         """A new Bundle on `device`; this one is untouched (its modules are copied first).
 
         For .pt2 networks whose graph creates tensors on a fixed device, prefer
-        `load_bundle(..., device=...)`, which also rewrites those devices."""
+        `load_bundle(..., device=...)`, which also rewrites those devices. A remote bundle has
+        nothing to move (its answers come back on the input's device)."""
+        if self.spec.kind == "remote":
+            return self
         moved = {k: _frozen(copy.deepcopy(m).to(device)) for k in ("classifier", "left", "right")
                  if (m := getattr(self, k)) is not None}
         return dataclasses.replace(self, **moved)
@@ -185,11 +197,16 @@ def _check_network(net: nn.Module, spec: ModelSpec, what: str, device: torch.dev
                           "eval mode")
 
 
-def load_bundle(source: str | os.PathLike | bytes, *, device: str | torch.device = "cpu") -> Bundle:
-    """Read, validate and load a bundle (directory, zip path or zip bytes); see module doc."""
+def load_bundle(source: str | os.PathLike | bytes, *, device: str | torch.device = "cpu",
+                remote: RemoteOptions | None = None) -> Bundle:
+    """Read, validate and load a bundle (directory, zip path or zip bytes); see module doc.
+    A remote bundle connects to its endpoint only if `remote` (the operator's options)
+    allows it; without them every endpoint is refused."""
     device = torch.device(device)
     files = read_bundle_files(source)
     spec, names, digest = inspect_bundle(files)
+    if spec.kind == "remote":
+        return Bundle(spec=spec, digest=digest, classifier=RemoteClassifier(spec, remote or RemoteOptions()))
     nets = []
     for name in names:
         if spec.architecture is None:
@@ -201,9 +218,9 @@ def load_bundle(source: str | os.PathLike | bytes, *, device: str | torch.device
         net = _frozen(net.to(device))
         _check_network(net, spec, name, device)
         nets.append(net)
-    if spec.kind == "standard":
-        return Bundle(spec=spec, digest=digest, classifier=nets[0])
-    return Bundle(spec=spec, digest=digest, left=nets[0], right=nets[1])
+    if spec.kind == "drs":
+        return Bundle(spec=spec, digest=digest, left=nets[0], right=nets[1])
+    return Bundle(spec=spec, digest=digest, classifier=nets[0])
 
 
 # ---------------------------------------------------------------- saving

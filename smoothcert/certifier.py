@@ -21,7 +21,7 @@ from smoothcert.batching import BatchScheduler, BatchSize, auto_batch_size
 from smoothcert.bundle import Bundle
 from smoothcert.drs import certify_drs, split_half
 from smoothcert.memory import Memory
-from smoothcert.modes import parse_mode
+from smoothcert.modes import NumericMode, parse_mode
 from smoothcert.numerics import in_mode
 from smoothcert.results import Certificate, Prediction, memory_namespace
 from smoothcert.sampling import CancelCheck
@@ -60,6 +60,9 @@ class Certifier:
         self.device = torch.device(device) if device is not None else default_device()
         mode = parse_mode(numeric_mode)
         mode.check_device(self.device.type)
+        if bundle.spec.kind == "remote" and mode != NumericMode():
+            raise bounds.InvalidParameters(
+                f"numeric_mode {mode.name!r}: a remote model runs in its own server's arithmetic; use fp32")
         self.bundle = bundle.to(self.device)
         self.spec = bundle.spec
         self.numeric_mode = mode.name
@@ -74,15 +77,29 @@ class Certifier:
         return shape
 
     @property
+    def remote(self):
+        """The RemoteClassifier of a remote bundle, else None."""
+        return self.bundle.remote
+
+    @property
     def batch(self) -> BatchSize:
-        """The automatic batch size (measured on first use, then kept)."""
+        """The automatic batch size (measured on first use, then kept); a remote model's is its
+        bundle's `max_batch` (probing would load someone else's server)."""
         if self._batch is None:
-            self._batch = auto_batch_size(self.samplers[0], self._sampler_input_shape(), self.device)
+            if self.remote is not None:
+                rows = self.spec.remote.max_batch
+                self._batch = BatchSize(rows=rows, max_rows=rows)
+            else:
+                self._batch = auto_batch_size(self.samplers[0], self._sampler_input_shape(), self.device)
         return self._batch
 
     def warm_up(self) -> None:
         """Pay once, now, what the first job would: the batch-size probe and, for compiled
-        modes, compilation at the job batch size and at the selection size."""
+        modes, compilation at the job batch size and at the selection size; for a remote
+        model, the canary answers (one batch against one by one)."""
+        if self.remote is not None:
+            self.remote.establish()
+            return
         rows = self.batch.rows
         for sampler in self.samplers:
             if hasattr(sampler, "warm_up"):
@@ -90,7 +107,10 @@ class Certifier:
 
     def route_through(self, scheduler: BatchScheduler) -> None:
         """Run every sampling forward pass through `scheduler` (cross-job batching), merging
-        up to the memory bound of this model on this device."""
+        up to the memory bound of this model on this device. A remote model keeps its own
+        requests (each job's batches, as they are)."""
+        if self.remote is not None:
+            return
         limit = self.batch.max_rows
         self.samplers = tuple(scheduler.bind(s, limit) for s in self.samplers)
 
@@ -160,6 +180,10 @@ class Certifier:
             raise bounds.InvalidParameters("give either sigma or sigma_search, not both")
         if sigma_search is not None and drs:
             raise bounds.InvalidParameters("sigma_search is not available for DRS bundles")
+        if self.remote is not None and (sigma_search is not None or memory is not None):
+            raise bounds.InvalidParameters(
+                "a remote model has no content digest for a memory to be keyed by: certify it at a fixed sigma "
+                "with the memory off (sigma_search needs the memory)")
         batch_size = self._batch_size(batch_size)
         bounds.check_certify(n0, n, alpha, batch_size, bound)
         tolerance = adaptive.check_sampling(sampling, tolerance)
@@ -190,6 +214,7 @@ class Certifier:
             answered = memory.answer(t, template)
             if answered is not None:
                 return answered.replace(seconds=time.perf_counter() - started)
+        pin = self.remote.pin() if self.remote is not None else None  # the model the samples come from
 
         record = None
         if search is not None:
@@ -210,9 +235,12 @@ class Certifier:
             cert = certify_drs(*self.samplers, t, **common)
         else:
             cert = certify(self.samplers[0], t, bound=bound, **common)
+        if pin is not None:
+            self.remote.verify(pin)  # after: it was that model all along
         cert = cert.replace(
             search=record, model_digest=self.bundle.digest, numeric_mode=self.numeric_mode, seed_source=source,
             samples=cert.samples + (record.samples_used if record else 0),
+            remote=self.remote.record(pin) if pin is not None else None,
         )
         if memory is not None:
             cert = memory.certify(t, cert)
@@ -233,9 +261,14 @@ class Certifier:
         """PREDICT at a fixed σ (default: the model's). Standard bundles only."""
         if self.spec.kind == "drs":
             raise bounds.InvalidParameters("PREDICT is defined for standard bundles; certify a DRS bundle")
+        t = self.tensor(x)
+        pin = self.remote.pin() if self.remote is not None else None
         result = predict(
-            self.samplers[0], self.tensor(x), num_classes=self.spec.num_classes,
+            self.samplers[0], t, num_classes=self.spec.num_classes,
             sigma=self._sigma(sigma), n=n, alpha=alpha, batch_size=self._batch_size(batch_size), seed=seed,
             progress=progress, cancel=cancel,
         )
-        return result.replace(model_digest=self.bundle.digest, numeric_mode=self.numeric_mode)
+        if pin is not None:
+            self.remote.verify(pin)
+        return result.replace(model_digest=self.bundle.digest, numeric_mode=self.numeric_mode,
+                              remote=self.remote.record(pin) if pin is not None else None)

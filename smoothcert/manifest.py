@@ -10,11 +10,12 @@ import copy
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 MAX_INPUT_ELEMENTS = 2**24  # C·H·W; bounds the probe batches a model.json can make us allocate
 MAX_CLASSES = 100_000  # bounds the default label list a model.json can make us build
+KINDS = ("standard", "drs", "remote")  # remote: a base classifier served over the Open Inference Protocol v2
 
 
 class BundleError(ValueError):
@@ -63,8 +64,75 @@ class SigmaRange:
                        f"default={self.default}, max={self.max}")
 
 
+_REMOTE_KEYS = {"endpoint", "model", "version", "input", "output", "datatype", "output_kind", "range",
+                "max_batch", "canaries", "canary_every", "canary_match", "timeout_seconds", "retries"}
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+REMOTE_DATATYPES = ("FP32", "FP64", "FP16", "UINT8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoteSpec:
+    """Where a remote base classifier is served (kind "remote"; smoothcert.remote): an Open
+    Inference Protocol v2 endpoint, the model's name and version, its input and output
+    tensors, the datatype and value range it takes, and how smoothcert talks to it."""
+
+    endpoint: str  # http(s)://host[:port][/prefix]; checked against the operator's allow-list where used
+    model: str
+    version: str | None = None  # None: the unversioned route (servers without versions); canaries still pin
+    input: str = "input"
+    output: str = "output"
+    datatype: str = "FP32"  # what the remote input takes: FP32, FP64, FP16 or UINT8
+    output_kind: str = "logits"  # "logits" [B, K] or "class" [B]
+    range: tuple[float, float] = (0.0, 1.0)  # the input range the remote expects, for [0, 1]
+    max_batch: int = 256  # rows per request
+    canaries: int = 8  # fixed canary inputs
+    canary_every: int = 64  # batches between canary checks during a job (0: before and after only)
+    canary_match: str = "bits"  # "bits": answers equal bit for bit; "classes": the same classes
+    timeout_seconds: float = 30.0
+    retries: int = 3  # of one batch, with the same bytes
+
+    def __post_init__(self) -> None:
+        put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen)
+        if not isinstance(self.endpoint, str) or not re.fullmatch(r"https?://[^\s]{1,2000}", self.endpoint):
+            raise _bad("remote.endpoint", f"must be an http:// or https:// URL, got {self.endpoint!r}")
+        for key in ("model", "input", "output"):
+            if not isinstance(getattr(self, key), str) or not _TENSOR_NAME.fullmatch(getattr(self, key)):
+                raise _bad(f"remote.{key}", f"must be 1-128 letters, digits or _.:/-, got {getattr(self, key)!r}")
+        if self.version is not None and (not isinstance(self.version, str) or not _TENSOR_NAME.fullmatch(self.version)):
+            raise _bad("remote.version", f"must be a string of 1-128 letters, digits or _.:/-, got {self.version!r}")
+        if self.datatype not in REMOTE_DATATYPES:
+            raise _bad("remote.datatype", f"must be one of {', '.join(REMOTE_DATATYPES)}, got {self.datatype!r}")
+        if self.output_kind not in ("logits", "class"):
+            raise _bad("remote.output_kind", f"must be 'logits' or 'class', got {self.output_kind!r}")
+        if self.canary_match not in ("bits", "classes"):
+            raise _bad("remote.canary_match", f"must be 'bits' or 'classes', got {self.canary_match!r}")
+        low, high = (_number(v, "remote.range") for v in self.range) if isinstance(self.range, (list, tuple)) \
+            and len(self.range) == 2 else (None, None)
+        if low is None or not low < high:
+            raise _bad("remote.range", f"must be [low, high] with low < high, got {self.range!r}")
+        put("range", (low, high))
+        _integer(self.max_batch, "remote.max_batch", 1, 65_536)
+        _integer(self.canaries, "remote.canaries", 1, 64)
+        _integer(self.canary_every, "remote.canary_every", 0, 1_000_000)
+        _integer(self.retries, "remote.retries", 0, 10)
+        timeout = _number(self.timeout_seconds, "remote.timeout_seconds")
+        if not 0 < timeout <= 600:
+            raise _bad("remote.timeout_seconds", f"must lie in (0, 600], got {timeout}")
+        put("timeout_seconds", timeout)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> RemoteSpec:
+        obj = _keys(obj, "remote", _REMOTE_KEYS, {"endpoint", "model"})
+        return cls(**obj)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["range"] = list(self.range)
+        return out
+
+
 _SPEC_KEYS = {"name", "kind", "input_shape", "num_classes", "labels", "sigma", "normalize",
-              "architecture", "architecture_args"}
+              "architecture", "architecture_args", "remote"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -81,14 +149,19 @@ class ModelSpec:
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std)
     architecture: str | None = None
     architecture_args: dict[str, Any] = field(default_factory=dict, hash=False)
+    remote: RemoteSpec | None = None  # kind "remote": the served model
 
     def __post_init__(self) -> None:
         put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen)
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise _bad("name", "must be 1-128 letters, digits, '.', '_' or '-' (used in URLs), "
                        f"starting with a letter or digit; got {self.name!r}")
-        if self.kind not in ("standard", "drs"):
-            raise _bad("kind", f"must be 'standard' or 'drs', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise _bad("kind", f"must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}")
+        if (self.kind == "remote") != (self.remote is not None):
+            raise _bad("remote", "is required with kind 'remote' and refused otherwise")
+        if self.kind == "remote" and self.architecture is not None:
+            raise _bad("architecture", "is refused with kind 'remote': the network is served elsewhere")
         shape = self.input_shape
         if not isinstance(shape, (list, tuple)) or len(shape) != 3:
             raise _bad("input_shape", f"must be [C, H, W], got {shape!r}")
@@ -144,12 +217,14 @@ class ModelSpec:
             if not all(isinstance(normalize[k], list) for k in ("mean", "std")):
                 raise _bad("normalize", "mean and std must be lists of numbers")
             normalize = (normalize["mean"], normalize["std"])
+        remote = obj.get("remote")
         return cls(
             name=obj["name"], kind=obj.get("kind", "standard"), input_shape=obj["input_shape"],
             num_classes=obj["num_classes"], labels=labels, normalize=normalize,
             sigma=SigmaRange(default, sigma.get("min", default), sigma.get("max", default)),
             architecture=obj.get("architecture"),
             architecture_args=obj.get("architecture_args", {}),
+            remote=RemoteSpec.from_json(remote) if remote is not None else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -164,6 +239,8 @@ class ModelSpec:
         if self.architecture is not None:
             out["architecture"] = self.architecture
             out["architecture_args"] = copy.deepcopy(self.architecture_args)
+        if self.remote is not None:
+            out["remote"] = self.remote.to_json()
         return out
 
     @property
@@ -177,4 +254,4 @@ class ModelSpec:
     @property
     def network_shape(self) -> tuple[int, int, int]:
         """The per-image shape each network of the bundle takes."""
-        return self.input_shape if self.kind == "standard" else self.half_shape
+        return self.half_shape if self.kind == "drs" else self.input_shape

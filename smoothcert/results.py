@@ -50,6 +50,18 @@ class SigmaSearchRecord:
 
 
 @dataclass(frozen=True)
+class RemoteRecord:
+    """The remote base classifier a certificate is about (smoothcert.remote): where it was
+    served, and the digest of its answers to the canary inputs, checked before, during and
+    after the job."""
+
+    endpoint: str
+    model: str
+    version: str | None
+    canary_digest: str | None
+
+
+@dataclass(frozen=True)
 class Provenance:
     """The sampling that produced a committed ball: the root certificate (a "new" or
     "shrunk" entry, whose own votes gave the radius the ball was cut from). An "inside" entry
@@ -163,6 +175,7 @@ class Certificate(_Answer):
     noise_sigma: float | None = None  # the σ the radius used: min(σ, σ as the noise dtype holds it)
     noise_tail: float = 0.0  # Gaussian mass the noise generator cannot draw, taken off the bounds
     seed_source: str | None = None  # "caller", "drawn" (by the engine) or "server"
+    remote: RemoteRecord | None = None  # a remote base classifier: what was certified
     samples: int = 0  # forward passes spent in all (search + n0 + n)
     seconds: float = 0.0
 
@@ -194,5 +207,6 @@ class Prediction(_Answer):
     model_digest: str | None = None
     numeric_mode: str = DEFAULT_NUMERIC_MODE
     seed_source: str | None = None  # "caller", "drawn" (by the engine) or "server"
+    remote: RemoteRecord | None = None  # a remote base classifier: what was asked
     samples: int = 0
     seconds: float = 0.0

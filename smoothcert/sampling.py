@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from smoothcert.seeds import derive_seed, fresh_seed  # noqa: F401 (the engine's seeds, re-exported)
+
 Progress = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
@@ -33,17 +35,6 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(int(seed))
     return generator
-
-
-def fresh_seed() -> int:
-    """A random 63-bit seed, used when the caller gives none, so results stay replayable."""
-    return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def derive_seed(seed: int, *path: int) -> int:
-    """A 63-bit seed for item `path` of a run seeded with `seed` (independent streams)."""
-    state = np.random.SeedSequence([int(seed), *map(int, path)]).generate_state(1, np.uint64)
-    return int(state[0] >> 1)
 
 
 def effective_batch(batch_size: int, input_numel: int) -> int:

@@ -42,6 +42,19 @@ def redis_client(redis_url):
     client.close()
 
 
+@pytest.fixture(scope="session")
+def kserve_server(tmp_path_factory):
+    """A real Open Inference Protocol v2 server on loopback (KServe's ModelServer), serving
+    the exact-answer models of tests/remote_server.py; skipped where kserve is not installed."""
+    pytest.importorskip("kserve")
+    from tests.remote_server import RemoteServer
+
+    server = RemoteServer(tmp_path_factory.mktemp("kserve"), free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _private_config(tmp_path, monkeypatch):
     """No test reads or writes the developer's ~/.config/smoothcert (credentials of `up`)."""

@@ -260,17 +260,79 @@ def test_api_module_exists():
 
 
 def test_worker_commands_consume_the_queues_the_api_sends_to(services):
-    from service.queue import QUEUES
+    from service.queue import worker_queues
 
-    for name in ("worker", "worker-cuda"):
+    for name, device in (("worker", "cpu"), ("worker-cuda", "cuda")):
         command = command_of(services[name])
         assert command[:4] == ["celery", "-A", "workers.celery_app", "worker"], name
-        assert set(option(command, "-Q").split(",")) == set(QUEUES.values()), name
+        # Its device's queues and no other (service/queue.py), on that device.
+        assert option(command, "-Q") == worker_queues(device), name
+        assert environment(services[name])["SMOOTHCERT_DEVICE"] == device, name
         # threads of one process: their forward passes merge (smoothcert.batching)
         assert option(command, "--pool") == "threads" and int(option(command, "--concurrency")) >= 1, name
         assert "inspect ping" in healthcheck_text(services[name])
     gpu = services["worker-cuda"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and services["worker-cuda"]["profiles"] == ["cuda"]
+
+
+INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's `${VAR:-default}` with these variables (unset or empty: the default)."""
+    return INTERPOLATION.sub(lambda m: variables.get(m.group(1)) or (m.group(2) or ""), value)
+
+
+def env_example() -> dict[str, str]:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def test_every_interpolated_variable_has_a_safe_default_and_is_in_env_example():
+    text = COMPOSE.read_text()
+    used = {m.group(1): m.group(0) for m in INTERPOLATION.finditer(text)}
+    assert "$" not in INTERPOLATION.sub("", text.replace("$$", "")), "a $VAR without braces and a default"
+    # Without a .env, compose runs with the defaults: an open API published on this machine only.
+    assert all(":-" in expression for expression in used.values()), used
+    assert set(used) == set(env_example()), "docker-compose.yml and .env.example name different variables"
+
+
+def test_api_keys_and_queue_devices_come_from_env(services):
+    from service.config import Settings
+
+    api = environment(services["api"])
+    # From .env, else the code's own default (no keys: an open API; the CPU queues).
+    defaults = {"SMOOTHCERT_API_KEYS": "", "SMOOTHCERT_ADMIN_KEYS": "",
+                "SMOOTHCERT_QUEUE_DEVICES": ",".join(Settings.model_fields["queue_devices"].default)}
+    for name, default in defaults.items():
+        assert api[name] == f"${{{name}:-{default}}}", name
+    for name in env_example():
+        assert not name.startswith("SMOOTHCERT_") or name.removeprefix("SMOOTHCERT_").lower() in Settings.model_fields
+    # Keys are the API's alone: no other service is handed them.
+    assert not [n for n in OUR_SERVICES if n != "api" and "SMOOTHCERT_API_KEYS" in environment(services[n])]
+    published = [str(p) for p in services["api"]["ports"]]
+    assert [interpolate(p, {}) for p in published] == ["127.0.0.1:8000:8000"]
+
+
+@pytest.mark.parametrize("variables", [{}, env_example(), {"SMOOTHCERT_QUEUE_DEVICES": "cpu,cuda"},
+                                       {"SMOOTHCERT_QUEUE_DEVICES": "cuda"}], ids=["defaults", ".env.example",
+                                                                                    "cpu,cuda", "cuda"])
+def test_the_declared_devices_have_workers(services, variables):
+    """Every device type the API may route to has a compose worker on its queues; one that needs
+    the cuda profile only when the variables ask for CUDA."""
+    from service.queue import DEVICES, check_devices, device_queues
+
+    declared = check_devices(interpolate(environment(services["api"])["SMOOTHCERT_QUEUE_DEVICES"], variables))
+    workers = {environment(s)["SMOOTHCERT_DEVICE"]: s for n, s in services.items() if n.startswith("worker")}
+    assert set(workers) == set(DEVICES)
+    for device in declared:
+        assert option(command_of(workers[device]), "-Q") == ",".join(device_queues(device))
+    if "cuda" not in declared:
+        assert "profiles" not in workers["cpu"]  # `docker compose up` alone serves every route
+
+
+def test_redis_image_is_pinned(services):
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+", services["redis"]["image"])
 
 
 def test_worker_module_exists():

@@ -1,4 +1,9 @@
-"""The workers' Celery app: `celery -A workers.celery_app worker -Q certifications,predictions,evaluations`.
+"""The workers' Celery app: `celery -A workers.celery_app worker -Q certifications,predictions,evaluations`
+on a CPU, `-Q certifications-cuda,predictions-cuda,evaluations-cuda` on a GPU (service/queue.py).
+
+Queues: a worker consumes its device's queues. One that is told to consume a CUDA queue
+and cannot run CUDA (SMOOTHCERT_DEVICE names another device, or no CUDA device is visible)
+refuses to start, rather than take jobs that need CUDA and fail them one by one.
 
 Delivery policy: a task is acknowledged only after it ran (`acks_late`), and requeued when
 its worker process dies (`reject_on_worker_lost`); a whole worker that dies leaves the
@@ -21,7 +26,7 @@ from kombu.transport import redis as kombu_redis
 
 from service.config import get_settings
 from service.durability import MemoryUnavailable, durability_problems
-from service.queue import QUEUES, broker_options
+from service.queue import QUEUES, broker_options, cuda_visible, device_type, queues_beyond, worker_queues
 from workers.heartbeat import start_heartbeat
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,22 @@ app.conf.update(
     task_time_limit=settings.job_time_limit_seconds + 60,
     task_routes={name: {"queue": queue} for name, queue in QUEUES.items()},
 )
+
+
+@signals.worker_init.connect
+def _consume_only_what_this_device_runs(sender=None, **_) -> None:
+    # After -Q is applied and before any message is taken. Celery logs and ignores an exception
+    # from a signal handler; SystemExit is not one, so the worker exits with this message.
+    consumed = list(sender.app.amqp.queues.consume_from or {})  # empty without -Q
+    cuda_queues = queues_beyond("cpu", consumed)  # what only a CUDA worker may take
+    if not cuda_queues:
+        return
+    configured = device_type(settings.device) if settings.device else None
+    why = (f"SMOOTHCERT_DEVICE={settings.device}" if configured and configured != "cuda"
+           else None if cuda_visible() else "no CUDA device is visible to torch")
+    if why:
+        raise SystemExit(f"smoothcert worker: refusing to consume {', '.join(cuda_queues)}: their jobs may need "
+                         f"a CUDA device, and {why}. A CPU worker consumes -Q {worker_queues('cpu')}.")
 
 
 @signals.worker_process_init.connect

@@ -6,6 +6,7 @@ Guarantees of `run_job`:
 - the job ends exactly once (the store's compare-and-set), with the result in docs/api.md's
   shape or an error `{"code", "message"}`: invalid_request, bad_model, memory_full,
   memory_quota, memory_unavailable (Redis would not keep a commit: service.durability),
+  remote_error, remote_unavailable, remote_changed (a remote model: smoothcert.remote),
   time_limit, internal (traceback logged, never sent), or cancelled; a Redis outage that
   outlasts the store's retries is raised, the job left unended for redelivery;
 - a cancel flag stops the engine within one batch; progress is written at most
@@ -38,6 +39,7 @@ from smoothcert.data import Dataset
 from smoothcert.evaluation import EvaluationRun, evaluate, write_run
 from smoothcert.guarantees import guarantee
 from smoothcert.memory import MemoryFull
+from smoothcert.remote import RemoteChanged, RemoteError, RemoteUnavailable
 from smoothcert.results import Certificate, Prediction
 from smoothcert.sampling import Cancelled
 from smoothcert.search import SigmaSearch
@@ -145,6 +147,7 @@ def certification_result(cert: Certificate, job: JobRecord, model: LoadedModel, 
         "p_a_lower_halves": list(cert.p_a_lower_halves) if cert.p_a_lower_halves else None,
         "n_a_halves": list(cert.n_a_halves) if cert.n_a_halves else None,
         "noise_sigma": cert.noise_sigma, "noise_tail": cert.noise_tail,
+        "remote": dataclasses.asdict(cert.remote) if cert.remote else None,
         "search": dataclasses.asdict(cert.search) if cert.search else None,
         "samples": cert.samples, "seconds": cert.seconds,
     }
@@ -158,6 +161,7 @@ def prediction_result(pred: Prediction, job: JobRecord, model: LoadedModel) -> d
         "seed_source": job.request.get("seed_source", pred.seed_source),
         "model": {"name": job.model, "digest": pred.model_digest or job.digest},
         "numeric_mode": pred.numeric_mode, "batch_size": pred.batch_size,
+        "remote": dataclasses.asdict(pred.remote) if pred.remote else None,
         "samples": pred.samples, "seconds": pred.seconds,
     }
 
@@ -264,6 +268,12 @@ def run_job(store: Store, runtime: ModelRuntime, job_id: str, settings: Settings
         return _status(store, job_id)
     except InvalidParameters as e:
         error = {"code": "invalid_request", "message": str(e)}
+    except RemoteError as e:  # before BundleError, which it is: the served model, not the bundle
+        error = {"code": "remote_error", "message": str(e)}
+    except RemoteUnavailable as e:
+        error = {"code": "remote_unavailable", "message": str(e)}
+    except RemoteChanged as e:
+        error = {"code": "remote_changed", "message": str(e)}
     except BundleError as e:
         error = {"code": "bad_model", "message": str(e)}
     except MemoryFull as e:

@@ -6,9 +6,12 @@ pop's answer never reaches the worker), the pop is kept (append-only file) and t
 is gone, while its job stays "queued" forever. Likewise an API that stored a job and then
 could neither queue it nor fail it (Redis went away in between) leaves it queued with no
 message. `requeue_lost` finds such jobs (queued, older than a grace period, named by no
-message waiting in a queue nor held unacknowledged) and sends their task again. A job sent
-twice (a message in flight during the check) runs at most once more and ends once (the
-store's compare-and-set): harmless. The heartbeat thread runs it once after each outage.
+message waiting in any device's queue nor held unacknowledged) and sends their task again,
+to the queue recorded with the job at submit (chosen from its numeric mode and the API's
+SMOOTHCERT_QUEUE_DEVICES, which a worker's own settings need not repeat), or to its kind's
+CPU queue for a job stored before queues had devices. A job sent twice (a message in flight
+during the check) runs at most once more and ends once (the store's compare-and-set):
+harmless. The heartbeat thread runs it once after each outage.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 
 from service import queue
 from service.config import Settings
-from service.queue import QUEUES
+from service.queue import QUEUE_DEVICE
 from service.store import Store
 
 log = logging.getLogger(__name__)
@@ -30,11 +33,12 @@ def requeue_lost(store: Store, settings: Settings, *, min_age: float) -> list[st
     candidates = store.queued_jobs(time.time() - min_age)
     if not candidates:
         return []
-    held = store.broker_messages(sorted(set(QUEUES.values())))
-    lost = [(job_id, kind) for job_id, kind in candidates if job_id.encode() not in held
+    held = store.broker_messages(sorted(QUEUE_DEVICE))  # every device's queues
+    lost = [job for job_id, _ in candidates if job_id.encode() not in held
             and (job := store.get_job(job_id)) is not None and job.status == "queued"]  # still, after the read
-    for job_id, kind in lost:
-        log.warning("job %s was queued with no task message (lost in a Redis outage); queueing it again", job_id)
-        queue.enqueue(settings.redis_url, settings.visibility_timeout, kind, job_id)
-        store.mark_enqueued(job_id)
-    return [job_id for job_id, _ in lost]
+    for job in lost:
+        log.warning("job %s was queued with no task message (lost in a Redis outage); queueing it again "
+                    "on %s", job.id, job.queue or "its CPU queue")
+        queue.enqueue(settings.redis_url, settings.visibility_timeout, job.kind, job.id, job.queue)
+        store.mark_enqueued(job.id)
+    return [job.id for job in lost]

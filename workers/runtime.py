@@ -31,6 +31,7 @@ from smoothcert.batching import BatchScheduler
 from smoothcert.bounds import InvalidParameters
 from smoothcert.bundle import BundleError, load_bundle
 from smoothcert.certifier import Certifier, default_device
+from smoothcert.endpoints import RemoteOptions
 from smoothcert.modes import canonical_mode
 from smoothcert.results import Certificate, Prediction
 from workers.shared_memory import SharedMemory, certify_with_memory
@@ -63,7 +64,10 @@ class LoadedModel:
         if data is None:
             raise BundleError(f"the model bundle {self.digest} is not in the registry")
         device = torch.device(self.settings.device) if self.settings.device else default_device()
-        certifier = Certifier(load_bundle(data, device=device), device=device, numeric_mode=self.numeric_mode)
+        remote = RemoteOptions(allow=tuple(self.settings.remote_endpoints), tokens=self.settings.remote_tokens,
+                               ca_file=self.settings.remote_ca_file)
+        certifier = Certifier(load_bundle(data, device=device, remote=remote), device=device,
+                              numeric_mode=self.numeric_mode)
         if certifier.bundle.digest != self.digest:
             # The registry and the certificate must name the same digest (docs/bundles.md).
             log.warning("bundle stored as %s has content digest %s", self.digest, certifier.bundle.digest)

@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v2/health", tags=["health"])
 @router.get("/live", response_model=HealthOut)
 async def live() -> HealthOut:
     """200 while the process serves requests."""
-    return HealthOut(status="live")
+    return HealthOut(status="live", live=True)
 
 
 @router.get("/ready", response_model=HealthOut, responses=responses(503))
@@ -31,4 +31,4 @@ def ready(settings: SettingsDep, store: StoreDep):
     if not workers:
         return JSONResponse(error_body(
             "not_ready", f"no worker has sent a heartbeat in the last {window:g} s"), 503)
-    return HealthOut(status="ready", redis=True, workers=workers)
+    return HealthOut(status="ready", ready=True, redis=True, workers=workers)

@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from service.deps import SettingsDep, StoreDep
-from service.queue import QUEUES
+from service.queue import QUEUE_DEVICE
 from service.store import Store
 
 router = APIRouter(tags=["metrics"])
@@ -93,7 +93,7 @@ def render(store: Store, live_window: float) -> str:
     data = store.metrics()
     w = _Writer()
     w.family("queue_depth", "gauge", "Tasks waiting in each broker queue.")
-    for queue in sorted(set(QUEUES.values())):
+    for queue in sorted(QUEUE_DEVICE):  # every device's queues, also those of workers scaled to zero
         w.sample("queue_depth", store.queue_depth(queue), {"queue": queue})
     w.family("open_jobs", "gauge", "Jobs queued or running.")
     w.sample("open_jobs", store.open_jobs())

@@ -13,6 +13,7 @@ from service.errors import APIError, InvalidRequest, NotFound, responses
 from service.schemas import MemoryNamespaceOut, MemoryOut, ModelOut, ModelsOut
 from service.store import ModelRecord, Store
 from smoothcert.archive import check_state_dict, inspect_bundle, read_bundle_files
+from smoothcert.endpoints import allowed
 from smoothcert.manifest import BundleError, ModelSpec
 from smoothcert.results import parse_namespace
 
@@ -41,17 +42,23 @@ async def get_model(name: str, store: StoreDep, caller: CallerDep) -> ModelOut:
     return model_out(await jobs.find_model(store, name))
 
 
-def vet_bundle(data: bytes, max_bytes: int) -> tuple[ModelSpec, str]:
+def vet_bundle(data: bytes, max_bytes: int,
+               remote_endpoints: list[str] | tuple[str, ...] = ()) -> tuple[ModelSpec, str]:
     """(spec, digest) of an uploaded zip, torch-free: safe unzip, valid model.json, the
-    network files its format needs, state dicts whose pickle imports nothing but tensors. The
-    digest is the loader's (`inspect_bundle`), so the registry, the memory namespace and every
-    certificate name one digest. Whether the weights fit the architecture, and a .pt2's
-    program, are checked by the worker that loads them (that needs torch)."""
+    network files its format needs, state dicts whose pickle imports nothing but tensors, and
+    a remote model's endpoint inside `remote_endpoints` (the allow-list; nothing is contacted
+    here: the worker resolves, pins and checks the address). The digest is the loader's
+    (`inspect_bundle`), so the registry, the memory namespace and every certificate name one
+    digest. Whether the weights fit the architecture, and a .pt2's program, are checked by
+    the worker that loads them (that needs torch)."""
     files = read_bundle_files(data, max_total_bytes=max_bytes, max_member_bytes=max_bytes)
     try:
         spec, names, digest = inspect_bundle(files)
     except RecursionError:
         raise BundleError("model.json is nested too deeply") from None
+    if spec.remote is not None and not allowed(spec.remote.endpoint, remote_endpoints):
+        raise BundleError(f"remote.endpoint {spec.remote.endpoint!r} is not in this service's allow-list "
+                          "(SMOOTHCERT_REMOTE_ENDPOINTS); an operator adds it there")
     if spec.architecture is not None:  # state dicts: no pickled code (a .pt2 is vetted by the loader)
         for name in names:
             check_state_dict(files[name], name)
@@ -69,7 +76,8 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-dat
 async def upload_model(request: Request, response: Response, settings: SettingsDep,
                        store: StoreDep, admin: AdminDep) -> ModelOut:
     """Register a bundle (multipart field `bundle`, a zip) under its model.json name,
-    replacing an earlier bundle of that name."""
+    replacing an earlier bundle of that name. A remote model's endpoint must be in the
+    allow-list (SMOOTHCERT_REMOTE_ENDPOINTS)."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise APIError(415, "unsupported_media_type", "send multipart/form-data with a 'bundle' file")
     form = await request.form(max_files=1, max_fields=8)
@@ -84,7 +92,7 @@ async def upload_model(request: Request, response: Response, settings: SettingsD
         raise APIError(413, "too_large", f"bundle: {len(data)} bytes, more than the "
                        f"{settings.max_bundle_bytes} accepted (SMOOTHCERT_MAX_BUNDLE_BYTES)")
     try:
-        spec, digest = await run_in_threadpool(vet_bundle, data, settings.max_bundle_bytes)
+        spec, digest = await run_in_threadpool(vet_bundle, data, settings.max_bundle_bytes, settings.remote_endpoints)
     except BundleError as exc:
         raise APIError(422, "invalid_bundle", str(exc)) from None
     record = await run_in_threadpool(store.put_model, spec.name, digest, spec.to_json(), data)

@@ -12,7 +12,13 @@ import argparse
 import sys
 from typing import TextIO
 
-from smoothcert.commands.options import add_certification_options, sampling, sigma_search, use_memory
+from smoothcert.commands.options import (
+    add_certification_options,
+    remote_options,
+    sampling,
+    sigma_search,
+    use_memory,
+)
 from smoothcert.rounding import floor_text
 
 
@@ -39,7 +45,8 @@ def certify_local(args: argparse.Namespace) -> int:
 
     # Load straight onto the device: a .pt2 graph may name devices that only load_bundle rewrites.
     device = args.device or default_device()
-    certifier = Certifier(load_bundle(args.model, device=device), device=device, numeric_mode=args.numeric_mode)
+    certifier = Certifier(load_bundle(args.model, device=device, remote=remote_options(args)), device=device,
+                          numeric_mode=args.numeric_mode)
     items = load_inputs(args.inputs, certifier.spec.input_shape)
     search = sigma_search(args)
     how = sampling(args)

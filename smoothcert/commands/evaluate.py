@@ -10,7 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from smoothcert.commands.options import add_certification_options, sampling, sigma_search, use_memory
+from smoothcert.commands.options import (
+    add_certification_options,
+    remote_options,
+    sampling,
+    sigma_search,
+    use_memory,
+)
 from smoothcert.rounding import floor_text
 
 RUN_FILES = ("results.tsv", "summary.json", "curve.png")
@@ -66,7 +72,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InvalidParameters(str(exc)) from exc
     device = args.device or default_device()
-    certifier = Certifier(load_bundle(args.model, device=device), device=device, numeric_mode=args.numeric_mode)
+    certifier = Certifier(load_bundle(args.model, device=device, remote=remote_options(args)), device=device,
+                          numeric_mode=args.numeric_mode)
     search = sigma_search(args)
     how = sampling(args)
     memory = use_memory(args, search)

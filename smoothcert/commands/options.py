@@ -42,6 +42,24 @@ def add_certification_options(c: argparse.ArgumentParser, *, seed_default: int |
                    help="apply the memory rule across the inputs in order "
                         "(default: on with --sigma-search, off with a fixed σ)")
     c.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    c.add_argument("--remote-allow", action="append", default=[], metavar="URL",
+                   help="a remote bundle (kind remote) may call an endpoint under URL (repeat for more; "
+                        "'*' allows any); none by default")
+    c.add_argument("--remote-token", action="append", default=[], metavar="ORIGIN=TOKEN",
+                   help="the bearer token sent to a remote endpoint's origin (https://host:port)")
+
+
+def remote_options(args: argparse.Namespace):
+    """What a remote bundle may call (smoothcert.endpoints.RemoteOptions) from the flags."""
+    from smoothcert.endpoints import RemoteOptions
+
+    tokens = {}
+    for item in args.remote_token:
+        origin, sep, token = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--remote-token {item!r}: expected ORIGIN=TOKEN")
+        tokens[origin] = token
+    return RemoteOptions(allow=tuple(args.remote_allow), tokens=tokens)
 
 
 def sigma_search(args: argparse.Namespace) -> SigmaSearch | None:

@@ -30,6 +30,10 @@ DIGITS = {
     "architecture": "mlp",
 }
 DRS = DIGITS | {"name": "halves", "kind": "drs"}
+# A remote model (model.json alone): the API never contacts it, it only checks the allow-list.
+REMOTE = {k: v for k, v in DIGITS.items() if k != "architecture"} | {
+    "name": "served", "kind": "remote",
+    "remote": {"endpoint": "https://triton.internal:8000", "model": "digits", "version": "3"}}
 USER, OTHER, ADMIN = "user-key", "other-key", "admin-key"
 
 
@@ -59,8 +63,9 @@ def digest_of(spec: dict, files: dict[str, bytes]) -> str:
 
 
 def register(store: Store, spec: dict = DIGITS, files: dict[str, bytes] | None = None) -> str:
-    files = files or ({"weights.pt": b"w"} if spec.get("kind", "standard") == "standard"
-                      else {"left.pt": b"l", "right.pt": b"r"})
+    if files is None:
+        files = {"standard": {"weights.pt": b"w"}, "drs": {"left.pt": b"l", "right.pt": b"r"},
+                 "remote": {}}[spec.get("kind", "standard")]
     digest = digest_of(spec, files)
     store.put_model(spec["name"], digest, spec, bundle_zip(spec, files))
     return digest

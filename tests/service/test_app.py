@@ -73,7 +73,9 @@ def test_openapi_operation_ids_are_stable(client):
         "predictions-get_prediction", "predictions-cancel_prediction", "models-list_models",
         "models-get_model", "models-upload_model", "models-delete_model", "models-get_memory",
         "models-reset_memory",
-        "inference-infer", "health-live", "health-ready", "metrics-metrics",
+        "inference-infer", "inference-infer_version", "inference-server_metadata", "inference-model_metadata",
+        "inference-model_version_metadata", "inference-model_ready", "inference-model_version_ready",
+        "health-live", "health-ready", "metrics-metrics",
         "evaluations-create_evaluation", "evaluations-get_evaluation", "evaluations-cancel_evaluation",
         "evaluations-get_evaluation_curve", "evaluations-get_evaluation_results",
     }

@@ -32,12 +32,14 @@ def parse_prometheus(text: str) -> dict[str, float]:
 
 
 def test_live_and_ready(client, store):
-    assert client.get("/v2/health/live").json() == {"status": "live", "redis": None, "workers": None}
+    assert client.get("/v2/health/live").json() == {"status": "live", "live": True, "ready": None, "redis": None,
+                                                     "workers": None}
     r = client.get("/v2/health/ready")
     assert r.status_code == 503 and "heartbeat" in r.json()["error"]["message"]
     store.heartbeat("worker-1")
     r = client.get("/v2/health/ready")
-    assert r.status_code == 200 and r.json() == {"status": "ready", "redis": True, "workers": 1}
+    assert r.status_code == 200 and r.json() == {"status": "ready", "live": None, "ready": True, "redis": True,
+                                                 "workers": 1}
 
 
 def test_metrics(client, store):

@@ -10,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from clients import Client
-from service.up import api_command
+import pytest
+
+from clients import Client, UnprocessableEntityError
+from service.queue import worker_queues
+from service.up import api_command, worker_command, worker_device
 
 from ..conftest import free_port
 
@@ -35,7 +38,10 @@ def test_up_runs_the_stack_and_stops_it_all(tmp_path):
         assert saved["url"] == f"http://127.0.0.1:{api_port}" and saved["api_key"] and saved["admin_key"]
         with Client() as client:  # picks up the URL and key that `up` left
             status = client.certify(ROOT / "examples" / "digit-4.png", model="digits", n=1000).wait(timeout=60)
-        assert status.status == "succeeded" and status.result.prediction == 4
+            assert status.status == "succeeded" and status.result.prediction == 4
+            if worker_device() == "cpu":  # `up` declares its one worker's device to the API
+                with pytest.raises(UnprocessableEntityError, match="SMOOTHCERT_QUEUE_DEVICES"):
+                    client.certify(ROOT / "examples" / "digit-4.png", model="digits", n=1000, numeric_mode="fp16")
     finally:
         os.kill(proc.pid, signal.SIGINT)
         proc.wait(30)
@@ -59,6 +65,19 @@ def test_api_command_runs_the_configured_number_of_processes(monkeypatch):
     monkeypatch.setenv("SMOOTHCERT_API_WORKERS", "3")
     assert workers(api_command("127.0.0.1", 8000)) == "3"
     assert workers(api_command("127.0.0.1", 8000, 5)) == "5"
+
+
+def test_worker_command_consumes_its_devices_queues_only():
+    for device in ("cpu", "cuda"):
+        command = worker_command("w@%h", device)
+        assert command[command.index("-Q") + 1] == worker_queues(device)
+    assert worker_command("w@%h") == worker_command("w@%h", "cpu")  # as the reliability stacks call it
+
+
+def test_up_runs_its_worker_on_the_configured_device_type(monkeypatch):
+    for configured, device in (("cuda:1", "cuda"), ("cpu", "cpu"), ("CUDA", "cuda")):
+        monkeypatch.setenv("SMOOTHCERT_DEVICE", configured)
+        assert worker_device() == device
 
 
 def test_up_never_keeps_the_memory_on_a_redis_that_would_lose_commits(tmp_path, capsys):

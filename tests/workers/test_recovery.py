@@ -1,6 +1,6 @@
 """Lost task messages queued again (workers/recovery.py): only queued jobs older than the
-grace period that no message names, waiting or unacknowledged; and the heartbeat runs it
-after Redis restarts."""
+grace period that no message names, waiting in any device's queue or unacknowledged, each to
+the queue it was submitted to; and the heartbeat runs it after Redis restarts."""
 
 from __future__ import annotations
 
@@ -30,6 +30,32 @@ def test_only_queued_jobs_no_message_names_are_queued_again(store, settings, dig
     messages = redis_client.lrange("certifications", 0, -1)
     assert len(messages) == 2 and lost.encode() in messages[0] and store.was_enqueued(lost)
     assert requeue_lost(store, settings, min_age=0) == []  # its message now waits in the queue
+
+
+def test_a_lost_job_goes_back_to_the_queue_it_was_submitted_to(store, settings, digest, redis_client):
+    """The queue stored with the job at submit, not one this worker's settings would choose
+    (it runs with SMOOTHCERT_QUEUE_DEVICES=cpu); a record from before queues had devices goes
+    to its kind's CPU queue. A message waiting on a CUDA queue is seen as held."""
+    def stored(kind: str, queue: str | None, mode: str = "fp16") -> str:
+        job, _ = store.create_job(kind, model="tiny", digest=digest, request={"numeric_mode": mode},
+                                  input_bytes=b"x", queue=queue)
+        return job.id
+
+    cuda_cert, cuda_pred = stored("certification", "certifications-cuda"), stored("prediction", "predictions-cuda")
+    legacy = stored("certification", None, "fp32")
+    waiting = stored("certification", "certifications-cuda")
+    enqueue(settings.redis_url, settings.visibility_timeout, "certification", waiting, "certifications-cuda")
+    assert settings.queue_devices == ["cpu"]
+    assert sorted(requeue_lost(store, settings, min_age=0)) == sorted([cuda_cert, cuda_pred, legacy])
+    def named(queue: str) -> list[str]:
+        """The job ids named by the messages waiting in `queue`, in any order."""
+        ids = (cuda_cert, cuda_pred, legacy, waiting)
+        return sorted(i for m in redis_client.lrange(queue, 0, -1) for i in ids if i.encode() in m)
+
+    assert named("certifications-cuda") == sorted([cuda_cert, waiting])
+    assert named("predictions-cuda") == [cuda_pred]
+    assert named("certifications") == [legacy] and named("predictions") == []
+    assert requeue_lost(store, settings, min_age=0) == []
 
 
 @pytest.mark.timeout(60)
