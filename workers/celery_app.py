@@ -53,6 +53,11 @@ class _Channel(kombu_redis.Channel):
         return super()._connparams(asynchronous=asynchronous)
 
 
+def sweep_lock_seconds(visibility_timeout: int) -> int:
+    """How long the redelivery sweep's lock lives: at most half the visibility timeout."""
+    return max(1, min(60, visibility_timeout // 2))
+
+
 class WorkerTransport(kombu_redis.Transport):
     Channel = _Channel
 
@@ -73,6 +78,11 @@ app.conf.update(
         # default sweep runs about every 100 s, far longer than a short visibility timeout).
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 5)),
         "unacked_restore_throttle": 1,
+        # The sweep's lock outlives a worker killed while sweeping: kombu's default (300 s)
+        # then stops every redelivery for five minutes. A sweep takes milliseconds, and two
+        # sweeps at once are harmless (each restore is a WATCHed transaction), so the lock
+        # expires well within the visibility timeout.
+        "unacked_mutex_expire": sweep_lock_seconds(settings.visibility_timeout),
     },
     broker_connection_retry_on_startup=True,
     broker_connection_retry=True,

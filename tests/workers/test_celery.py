@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from kombu.transport import redis as kombu_redis
 
 from service.queue import enqueue
 from service.store import TERMINAL
 from tests.workers.helpers import constant, namespace, new_job, wait_for
+from workers.celery_app import sweep_lock_seconds
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 VISIBILITY = 5
@@ -94,3 +96,15 @@ def test_a_job_of_a_killed_worker_completes_once_elsewhere(store, digest, redis_
     finished = {k: v for k, v in store.metrics()["counters"].items() if k.startswith("jobs_finished_total")}
     assert finished == {"jobs_finished_total:certification:succeeded": 1}
     assert "Task smoothcert.certify[" in (tmp_path / "w2.log").read_text()  # the second worker ran it
+
+
+def test_the_sweep_lock_expires_within_the_visibility_timeout():
+    """A worker killed mid-sweep leaves the sweep's lock behind for its whole lifetime; with
+    kombu's default (300 s) no job would be handed out again for five minutes (seen once
+    in reliability/worker_crash.py). The app sets a short lifetime by an option kombu reads."""
+    from workers.celery_app import app, settings
+
+    assert "unacked_mutex_expire" in kombu_redis.Channel.from_transport_options
+    expire = app.conf.broker_transport_options["unacked_mutex_expire"]
+    assert expire == sweep_lock_seconds(settings.visibility_timeout) <= settings.visibility_timeout / 2
+    assert [sweep_lock_seconds(v) for v in (1, 5, 10, 3900)] == [1, 2, 5, 60]
