@@ -6,19 +6,23 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test up bench reliability clean redis-server
+.PHONY: test up bench reliability clean redis-server chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 # The tests start their own redis-server; install it where the machine lacks one.
 redis-server:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
-test: $(STAMP) redis-server
+# The console's browser test (tests/test_console.py) drives Debian's chromium through its driver.
+chromium:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+
+test: $(STAMP) redis-server chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 

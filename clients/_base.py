@@ -11,12 +11,15 @@ send it again, so sync and async cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import random
+import stat
 import threading
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from clients._exceptions import (
     APIConnectionError,
     APIStatusError,
     APITimeoutError,
+    InputError,
     SmoothcertError,
     _retry_after,
     status_error,
@@ -36,8 +40,8 @@ from clients._exceptions import (
 from clients._inputs import BundleInput, ImageInput, bundle_zip, encode_input
 from clients._types import JobKind, JobStatus, ModelInfo, ModelMemory
 
-__all__ = ["DEFAULT_MAX_RETRIES", "DEFAULT_URL", "MAX_LONG_POLL", "BaseClient", "CertifyOptions", "Op",
-           "PredictOptions", "retryable"]
+__all__ = ["DEFAULT_MAX_RETRIES", "DEFAULT_URL", "EVALUATION_FILES", "MAX_LONG_POLL", "BaseClient",
+           "CertifyOptions", "DatasetInput", "EvaluateOptions", "Op", "PredictOptions", "retryable"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_LONG_POLL = 30  # seconds: the longest ?wait= the API accepts
@@ -55,7 +59,10 @@ _TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolEr
 
 log = logging.getLogger("smoothcert.client")
 _jitter = random.Random()  # its own: never draws from (or shifts) a caller's seeded `random`
-_JOB_PATHS: dict[str, str] = {"certification": "/v1/certifications", "prediction": "/v1/predictions"}
+_JOB_PATHS: dict[str, str] = {"certification": "/v1/certifications", "prediction": "/v1/predictions",
+                              "evaluation": "/v1/evaluations"}
+EVALUATION_FILES = ("curve.png", "results.tsv")  # an evaluation's files, served once it succeeded
+DatasetInput = str | os.PathLike | bytes | bytearray | memoryview
 
 T = TypeVar("T")
 
@@ -93,6 +100,14 @@ class PredictOptions(TypedDict, total=False):
     numeric_mode: str | None
     seed: int | None
     idempotency_key: str | None
+
+
+class EvaluateOptions(CertifyOptions, total=False):
+    """Optional fields of POST /v1/evaluations: a certification's, plus `every` (certify
+    examples 0, every, 2·every, ...) and `limit` (at most this many examples)."""
+
+    every: int | None
+    limit: int | None
 
 
 @dataclass(frozen=True)
@@ -175,6 +190,22 @@ def saved_credentials() -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
+def resolve_url(base_url: str | None = None) -> str:
+    """The server a client talks to: `base_url`, else $SMOOTHCERT_URL, else the URL `up` saved,
+    else DEFAULT_URL."""
+    return base_url or os.environ.get("SMOOTHCERT_URL") or saved_credentials().get("url") or DEFAULT_URL
+
+
+def saved_key(base_url: str, *, admin: bool = False) -> str | None:
+    """The user key (`admin`: the admin key) `up` saved for the server at `base_url`; None when
+    the credentials file names another server (a local key is never sent elsewhere) or has
+    no such key (an `up --no-keys` stack needs none)."""
+    saved = saved_credentials()
+    if saved.get("url") != base_url:
+        return None
+    return saved.get("admin_key" if admin else "api_key")
+
+
 class BaseClient:
     """Configuration, the operations of the API and the retry policy; subclasses add sending.
 
@@ -195,12 +226,11 @@ class BaseClient:
         self.max_retries = max_retries
         self.retries = 0
         self._retries_lock = threading.Lock()
-        saved = saved_credentials()
-        self.base_url = base_url or os.environ.get("SMOOTHCERT_URL") or saved.get("url") or DEFAULT_URL
+        self.base_url = resolve_url(base_url)
         self.api_key = api_key if api_key is not None else os.environ.get("SMOOTHCERT_API_KEY")
-        if self.api_key is None and saved.get("url") == self.base_url:
+        if self.api_key is None:
             # Only for the server that issued it: a local key is never sent elsewhere.
-            self.api_key = saved.get("api_key")
+            self.api_key = saved_key(self.base_url)
         self.timeout = timeout
 
     def _http_options(self) -> dict[str, Any]:
@@ -254,6 +284,32 @@ class BaseClient:
         return Op({"method": "POST", "url": _JOB_PATHS[kind], "json": body, "headers": headers},
                   lambda r: _parse_submitted(r, kind), retry=True)
 
+    def _evaluate_op(self, dataset: DatasetInput, model: str, options: Mapping[str, Any]) -> Op[JobStatus]:
+        unknown = set(options) - set(EvaluateOptions.__annotations__)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        fields = {k: v for k, v in options.items() if v is not None and k != "idempotency_key"}
+        # A multipart form (the data set can be tens of MiB: no base64): the server reads each
+        # field as JSON where it parses, `model` and a method name as text (docs/api.md).
+        form = {"model": model} | {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        filename, data = dataset_file(dataset)
+        key = options.get("idempotency_key")
+        headers = {"Idempotency-Key": str(key) if key is not None else new_idempotency_key()}
+        return Op({"method": "POST", "url": _JOB_PATHS["evaluation"], "data": form, "headers": headers,
+                   "files": {"dataset": (filename, data, "application/octet-stream")}},
+                  lambda r: _parse_submitted(r, "evaluation"), retry=True)
+
+    def _evaluation_file_op(self, job_id: str, name: str) -> Op[bytes]:
+        if name not in EVALUATION_FILES:
+            raise ValueError(f"an evaluation's files are {', '.join(EVALUATION_FILES)}, not {name!r}")
+
+        def parse(r: httpx.Response) -> bytes:
+            if r.is_error:
+                raise status_error(r)
+            return r.content
+        return Op({"method": "GET", "url": f"{job_path('evaluation', job_id)}/{name}",
+                   "headers": {"Accept": "*/*"}}, parse, retry=True)
+
     def _status_op(self, kind: JobKind, job_id: str, wait: int | None = None) -> Op[JobStatus]:
         request: dict[str, Any] = {"method": "GET", "url": job_path(kind, job_id)}
         if wait:
@@ -296,6 +352,40 @@ class BaseClient:
     def _health_op(self) -> Op[dict[str, Any]]:
         # A 503 here is the answer "not ready" (parsed, so not retried); no answer at all is.
         return Op({"method": "GET", "url": "/v2/health/ready"}, _parse_health, retry=True)
+
+
+def dataset_file(source: DatasetInput) -> tuple[str, bytes]:
+    """(filename, bytes) of an evaluation's data set: an .npz or .zip file, its bytes, or a
+    directory of class folders (`<label>/<image>`), zipped in memory with its relative paths
+    (dot-files skipped, sorted, fixed timestamps: the same folder gives the same bytes).
+    Nothing is validated beyond that: the server checks it against the model."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        try:  # an .npz is a zip of .npy members; the server tells them apart the same way
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                names = [n for n in zf.namelist() if not n.endswith("/")]
+            npz = bool(names) and all(n.endswith(".npy") for n in names)
+        except zipfile.BadZipFile:
+            npz = True  # the server answers what it is not
+        return ("dataset.npz" if npz else "dataset.zip"), data
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise InputError(f"data set directory {path!r} holds no files")
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+            for file in files:
+                info = zipfile.ZipInfo(file.relative_to(path).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = (stat.S_IFREG | 0o644) << 16
+                zf.writestr(info, file.read_bytes())
+        return f"{Path(path).resolve().name or 'dataset'}.zip", out.getvalue()
+    try:
+        with open(path, "rb") as fh:
+            return os.path.basename(path), fh.read()
+    except OSError as e:
+        raise InputError(f"cannot read data set {path!r}: {e.strerror or e}") from None
 
 
 def new_idempotency_key() -> str:

@@ -20,6 +20,8 @@ from clients._base import (
     DEFAULT_MAX_RETRIES,
     BaseClient,
     CertifyOptions,
+    DatasetInput,
+    EvaluateOptions,
     Op,
     PredictOptions,
     translate_errors,
@@ -89,6 +91,20 @@ class Client(BaseClient):
         """Submit a smoothed prediction (no radius); options as for `certify`."""
         op = self._submit_op("prediction", image, model, options, PredictOptions)
         return self._job(self._run(op), "prediction")
+
+    def evaluate(self, dataset: DatasetInput, *, model: str, **options: Unpack[EvaluateOptions]) -> Job:
+        """Submit an evaluation: certify every `every`-th example of `dataset` (an .npz with x
+        and y, a zip of class folders, a directory of class folders, or their bytes) with
+        `model`, in order; returns its `Job` at once. Its result is the run's summary
+        (`EvaluationResult`); `evaluation_file` fetches curve.png and results.tsv once it
+        has succeeded. Options as for `certify`, plus `every` and `limit`."""
+        op = self._evaluate_op(dataset, model, options)
+        return self._job(self._run(op), "evaluation")
+
+    def evaluation_file(self, job_id: str, name: str) -> bytes:
+        """A succeeded evaluation's "curve.png" or "results.tsv" (`ConflictError` before it
+        has succeeded)."""
+        return self._run(self._evaluation_file_op(job_id, name))
 
     def job(self, id: str, kind: JobKind = "certification") -> Job:
         """A handle on an existing job by id (nothing is sent)."""
@@ -167,6 +183,16 @@ class AsyncClient(BaseClient):
         """See `Client.predict`."""
         op = self._submit_op("prediction", image, model, options, PredictOptions)
         return self._job(await self._run(op), "prediction")
+
+    async def evaluate(self, dataset: DatasetInput, *, model: str,
+                       **options: Unpack[EvaluateOptions]) -> AsyncJob:
+        """See `Client.evaluate`."""
+        op = self._evaluate_op(dataset, model, options)
+        return self._job(await self._run(op), "evaluation")
+
+    async def evaluation_file(self, job_id: str, name: str) -> bytes:
+        """See `Client.evaluation_file`."""
+        return await self._run(self._evaluation_file_op(job_id, name))
 
     def job(self, id: str, kind: JobKind = "certification") -> AsyncJob:
         """A handle on an existing job by id (nothing is sent)."""

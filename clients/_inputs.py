@@ -1,9 +1,13 @@
 """Turning what a user holds (a path, bytes, an array, a list, a bundle folder) into request parts.
 
 `encode_input` gives the `input` object of docs/api.md: `{"image_b64"}` for PNG/JPEG,
-`{"npy_b64"}` for .npy bytes and arrays, `{"tensor"}` for nested lists. It never decodes
-pixels or checks shapes: the server owns validation, so the client cannot drift from it.
-numpy and PIL are imported only when an array or a PIL image is given.
+`{"npy_b64"}` for .npy bytes and arrays, `{"tensor"}` for nested lists. Files and bytes are
+sent as they are, never decoded: the server owns validation (channels, shape, alpha, EXIF
+orientation), so the client cannot drift from it. A PIL image is sent as the PNG of the
+image the server would decode from its file: its EXIF orientation applied here (PNG
+encoding would drop the tag), its mode kept (a grey image stays one channel, alpha stays
+for the server to judge). numpy and PIL are imported only when an array or a PIL image is
+given.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ _MAGICS = ((b"\x89PNG\r\n\x1a\n", "image_b64"), (b"\xff\xd8\xff", "image_b64"),
            (b"\x93NUMPY", "npy_b64"))
 _SUFFIXES = {".png": "image_b64", ".jpg": "image_b64", ".jpeg": "image_b64", ".npy": "npy_b64"}
 INPUT_KEYS = frozenset({"image_b64", "npy_b64", "tensor"})
+# PIL modes a PNG holds sample for sample; any other would be converted on the way.
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
 
 
 def sniff(data: bytes) -> str | None:
@@ -59,9 +65,7 @@ def encode_input(image: ImageInput) -> dict[str, Any]:
             return dict(image)
         raise InputError(f"an input object has exactly one of {sorted(INPUT_KEYS)}")
     if _is_pil_image(image):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        return {"image_b64": _b64(buf.getvalue())}
+        return {"image_b64": _b64(_pil_png(image))}
     if hasattr(image, "__array__") or hasattr(image, "__array_interface__"):
         return {"npy_b64": _b64(_npy_bytes(image))}
     if isinstance(image, (list, tuple)):
@@ -91,6 +95,20 @@ def _npy_bytes(array: Any) -> bytes:
         np.save(buf, np.ascontiguousarray(np.asarray(array)), allow_pickle=False)
     except (TypeError, ValueError) as e:
         raise InputError(f"cannot encode the array as .npy: {e}") from None
+    return buf.getvalue()
+
+
+def _pil_png(image: Image.Image) -> bytes:
+    from PIL import ImageOps  # lazily: a PIL image was given, so PIL is installed
+
+    if image.mode not in _PNG_MODES:
+        raise InputError(f"a PIL image in mode {image.mode} cannot be sent unchanged: PNG holds greyscale, "
+                         "RGB, RGBA, palette and 16-bit greyscale images; convert it or send a numpy array")
+    # The server turns a file by its EXIF orientation before anything else; an image opened
+    # from such a file still holds the tag, which PNG encoding would lose.
+    image = ImageOps.exif_transpose(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "TERMINAL",
     "CertificateResult",
     "ErrorInfo",
+    "EvaluationResult",
     "JobKind",
     "JobStatus",
     "MemoryInfo",
@@ -44,7 +45,9 @@ def _tuple(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Progress:
-    """How far a running job is: `stage` is sigma_search, selection, estimation or memory."""
+    """How far a running job is: `stage` is sigma_search, selection, estimation or memory
+    (an evaluation: evaluation, counting examples); loading while the worker loads the model
+    (its first job there: loading and measuring its batch size; no counts)."""
 
     stage: str | None = None
     samples_done: int = 0
@@ -172,6 +175,32 @@ class PredictionResult:
 
 
 @dataclass(frozen=True)
+class EvaluationResult:
+    """An evaluation's summary (schema smoothcert.evaluation/1, docs/api.md): `count`
+    examples, `clean_accuracy`, `acr`, `abstention_rate`, `certified_accuracy` as
+    [{"radius", "accuracy", "count"}], σ, seconds and samples per example, the memory's
+    outcomes, and the `parameters` the run used. Exact floats, never rounded."""
+
+    count: int | None = None
+    clean_accuracy: float | None = None
+    acr: float | None = None
+    abstention_rate: float | None = None
+    certified_accuracy: tuple[dict[str, Any], ...] | None = None
+    sigma: dict[str, Any] | None = None
+    seconds: dict[str, Any] | None = None
+    samples: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EvaluationResult:
+        known, extra = _split(cls, data)
+        known["certified_accuracy"] = _tuple(known.get("certified_accuracy"))
+        return cls(**known, extra=extra)
+
+
+@dataclass(frozen=True)
 class ErrorInfo:
     """Why a job failed, as the server said it."""
 
@@ -196,7 +225,7 @@ class JobStatus:
     id: str
     status: str
     progress: Progress | None = None
-    result: CertificateResult | PredictionResult | None = None
+    result: CertificateResult | PredictionResult | EvaluationResult | None = None
     error: ErrorInfo | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -217,7 +246,9 @@ class JobStatus:
         """Parse a job body; `kind` picks the result type, `job_id` fills a missing id."""
         body = dict(data) if isinstance(data, Mapping) else {}
         result = body.get("result")
-        if isinstance(result, Mapping):
+        if isinstance(result, Mapping) and kind == "evaluation":
+            result = EvaluationResult.from_json(result)
+        elif isinstance(result, Mapping):
             parse = CertificateResult if kind == "certification" else PredictionResult
             result = parse.from_json(result)
         else:

@@ -28,8 +28,10 @@ RUN python docker/requirements.py --exclude torch torchvision scikit-learn matpl
 COPY smoothcert smoothcert
 COPY service service
 COPY clients clients
-# The bundled demo model, so it can be registered from this container.
+# The bundled demo model, so it can be registered from this container, and the example
+# images the web console offers.
 COPY models models
+COPY examples examples
 RUN pip install --no-deps . \
     && useradd --create-home --uid 10001 smoothcert
 

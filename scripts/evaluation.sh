@@ -25,7 +25,7 @@ train() {  # train NAME METHOD SIGMA [OPTIONS...]
 evaluate() {  # evaluate RUN MODEL [OPTIONS...]
   local run=$1 model=$2; shift 2
   [ -f "$OUT/runs/$run/summary.json" ] && return 0
-  "$SC" evaluate --model "$OUT/models/$model" --data sklearn-digits --split test --every "$EVERY" \
+  "$SC" evaluate --bundle "$OUT/models/$model" --data sklearn-digits --split test --every "$EVERY" \
     --n0 100 --n "$N" --alpha 0.001 --batch "$BATCH" --seed 0 --overwrite --out "$OUT/runs/$run" "$@"
 }
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from service.config import Settings
 from service.errors import InvalidInput
-from smoothcert.imageio import ImageError, check_shape, decode_image, to_unit_float
+from smoothcert.imageio import ImageError, decode_image_for, to_unit_float
 from smoothcert.manifest import ModelSpec
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -134,8 +134,9 @@ def _class_folders(zf: zipfile.ZipFile, spec: ModelSpec, max_examples: int,
             raise InvalidInput(f"dataset: {info.filename} is larger than {per_image} bytes")
         with zf.open(info) as fh:
             data = fh.read(per_image + 1)
-        image = decode_image(data, channels=spec.input_shape[0] if spec.input_shape[0] in (1, 3) else None,
-                             max_pixels=max_pixels)
-        xs.append(check_shape(image, spec.input_shape))
+        try:
+            xs.append(decode_image_for(data, spec.input_shape, model=spec.name, max_pixels=max_pixels))
+        except ImageError as exc:  # the file's name first: a dataset holds many images
+            raise ImageError(f"{info.filename}: {exc}") from None
         ys.append(labels[label])
     return np.stack(xs), np.asarray(ys, dtype=np.int64)

@@ -218,8 +218,39 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal_error)
 
 
+# The `code`s each status carries (docs/api.md, Errors), and an answer of each, for the OpenAPI page.
+_STATUS_CODES = {
+    401: ("`unauthorized`: no key, or an unknown key (with `WWW-Authenticate: Bearer`)", "unauthorized",
+          "the API key is not valid"),
+    403: ("`forbidden`: an admin route with a non-admin key", "forbidden",
+          "this operation needs an admin key (SMOOTHCERT_ADMIN_KEYS)"),
+    404: ("`not_found`, `model_not_found`, `job_not_found` (also another key's job)", "model_not_found",
+          "no model named 'digit' is registered (GET /v1/models lists them)"),
+    409: ("`idempotency_conflict`, `job_not_finished`", "idempotency_conflict",
+          "this Idempotency-Key was used for a different request; use a new key for a new request"),
+    413: ("`too_large`: the body is over its limit", "too_large",
+          "the request body is larger than the 8388608 bytes this endpoint accepts"),
+    415: ("`unsupported_media_type`", "unsupported_media_type",
+          "send application/json, or multipart/form-data with an 'image' file"),
+    422: ("`invalid_request`, `invalid_input`, `invalid_bundle`, `numeric_mode_unavailable`; the message names "
+          "the field and, for a limit, the setting", "invalid_request", "n0 (100) must not exceed n (50)"),
+    429: ("`rate_limited`, `quota_exceeded`, `queue_full` (with `Retry-After`)", "rate_limited",
+          "this key may submit 10 jobs at once, then 1 per second (SMOOTHCERT_RATE_LIMIT_*); retry in 1 s"),
+    500: ("`internal`, `invalid_model`", "internal", "an internal error occurred; it has been logged"),
+    503: ("`unavailable` (Redis; with `Retry-After`), `enqueue_failed`", "unavailable", REDIS_DOWN),
+}
+
+
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error statuses a route answers, all with the one body."""
+    """OpenAPI entries for the error statuses a route answers, all with the one body
+    (`ErrorBody`), the codes each status carries and an example."""
     from service.schemas import ErrorBody
 
-    return {s: {"model": ErrorBody, "description": HTTPStatus(s).phrase} for s in statuses}
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        out[status] = {"model": ErrorBody, "description": HTTPStatus(status).phrase}
+        if status in _STATUS_CODES:
+            codes, code, message = _STATUS_CODES[status]
+            out[status]["description"] += f": {codes}"
+            out[status]["content"] = {"application/json": {"example": error_body(code, message)}}
+    return out

@@ -3,16 +3,20 @@ with exactly the model's input shape, saved with `np.save`.
 
 Accepted: a JSON `input` (`image_b64`: PNG/JPEG, or .npy sniffed; `tensor`: nested lists;
 `npy_b64`), a multipart `image` file (PNG/JPEG/NPY, sniffed), or an Open Inference Protocol
-tensor. Decoding is `smoothcert.imageio`'s, so the API refuses what the engine would:
-corrupt files, NaN, values outside [0, 1], too many pixels, the wrong shape. Images are
-converted to the model's channel count when it is 1 or 3 (as the CLI does); arrays and
-tensors must already have it. Nothing is resized.
+tensor. Decoding is `smoothcert.imageio`'s, so the API refuses what the engine (and the
+CLI) would: corrupt files, NaN, values outside [0, 1], too many pixels, the wrong shape, and
+a channel count other than the model's, whatever the format (an image keeps its file's
+channels; nothing is converted or resized).
+
+`input_sha256` names the decoded input: the SHA-256 of the stored array's bytes, so a result
+says which pixels were certified even where JPEG decoders disagree.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import math
 from collections.abc import Sequence
@@ -24,7 +28,7 @@ from service.schemas import ImageInput
 from smoothcert.imageio import (
     ImageError,
     check_shape,
-    decode_image,
+    decode_image_for,
     decode_npy,
     from_nested,
 )
@@ -44,6 +48,14 @@ def to_npy(array: np.ndarray) -> bytes:
     return _save(np.ascontiguousarray(array, dtype=np.float32))
 
 
+def input_sha256(stored: bytes) -> str:
+    """The hex SHA-256 of a stored input's array: its float32 little-endian bytes in C order
+    (`[C, H, W]`), exactly the data `to_npy` wrote. The job's request keeps it as
+    `input_sha256`."""
+    array = np.load(io.BytesIO(stored), allow_pickle=False)
+    return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes(order="C")).hexdigest()
+
+
 def _b64(text: str, field: str) -> bytes:
     if text.startswith("data:") and "," in text:  # a data URL: data:image/png;base64,....
         text = text.split(",", 1)[1]
@@ -56,8 +68,7 @@ def _b64(text: str, field: str) -> bytes:
 def _file(data: bytes, spec: ModelSpec, max_pixels: int) -> np.ndarray:
     if data.startswith(_NPY_MAGIC):
         return decode_npy(data, max_pixels=max_pixels)
-    channels = spec.input_shape[0] if spec.input_shape[0] in (1, 3) else None
-    return decode_image(data, channels=channels, max_pixels=max_pixels)
+    return decode_image_for(data, spec.input_shape, model=spec.name, max_pixels=max_pixels)
 
 
 def decode_input(source: ImageInput | bytes, spec: ModelSpec, *, max_pixels: int) -> bytes:

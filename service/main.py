@@ -17,9 +17,9 @@ from fastapi.routing import APIRoute
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from service import errors
+from service import console, errors
 from service.config import Settings, get_settings
-from service.routes import certifications, evaluations, health, infer, metrics, models, predictions
+from service.routes import certifications, evaluations, health, infer, limits, metrics, models, predictions
 from service.schemas import (
     CertificationParams,
     CertificationRequest,
@@ -38,10 +38,27 @@ _MANUAL_BODIES = (CertificationRequest, CertificationParams, PredictionRequest, 
                   EvaluationRequest, EvaluationParams, InferRequest)
 
 
+TAGS = [
+    {"name": "certifications", "description": "CERTIFY jobs: a class and an ℓ2 radius, or an abstention."},
+    {"name": "predictions", "description": "PREDICT jobs: the smoothed class, or an abstention; no radius."},
+    {"name": "evaluations", "description": "Certify a whole uploaded data set; its curve and rows."},
+    {"name": "models", "description": "The registry (uploads and deletions need an admin key) and each "
+                                      "model's certificate memories."},
+    {"name": "limits", "description": "The request limits of this deployment."},
+    {"name": "inference", "description": "The Open Inference Protocol v2; errors are `{\"error\": \"<message>\"}`."},
+    {"name": "health", "description": "Liveness and readiness; no key."},
+    {"name": "metrics", "description": "Prometheus text; no key."},
+]
+# FastAPI documents a 422 `HTTPValidationError` on every route with parameters; this API never
+# answers that body (service.errors turns validation errors into `ErrorBody`, or the /v2 body).
+_FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
+
+
 def operation_id(route: APIRoute) -> str:
-    """Stable OpenAPI operation ids (`certifications-create_certification`): a contract for
-    generated clients, so a route's function name is part of the API."""
-    return f"{route.tags[0] if route.tags else 'api'}-{route.name}"
+    """Stable OpenAPI operation ids: the route's name (`create_certification`, `list_models`),
+    a contract for generated clients (method names in most generators). Unique: the schema
+    is refused with two routes of one name."""
+    return route.name
 
 
 def default_store(settings: Settings) -> Store:
@@ -62,6 +79,17 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
+        ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+        if len(ids) != len(set(ids)):  # a generated client would get two methods of one name
+            app.openapi_schema = None
+            raise RuntimeError(f"two routes share an operation id: {sorted({i for i in ids if ids.count(i) > 1})}")
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            documented = operation.get("responses", {}).get("422", {})
+            ref = documented.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref", "")
+            if ref.rsplit("/", 1)[-1] in _FASTAPI_VALIDATION:  # a route that answers 422 declares it (ErrorBody)
+                del operation["responses"]["422"]
+        for name in _FASTAPI_VALIDATION:
+            components.pop(name, None)
     return app.openapi_schema
 
 
@@ -78,9 +106,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     app = FastAPI(
         title="smoothcert", version=__version__, lifespan=lifespan,
-        description="Certified predictions for image classifiers by Gaussian randomized "
-                    "smoothing. Errors answer `{\"error\": {\"code\", \"message\"}}`.",
-        generate_unique_id_function=operation_id,
+        description="Certified predictions for image classifiers by Gaussian randomized smoothing "
+                    "(docs/api.md). Send `Authorization: Bearer <key>` where keys are configured. Errors "
+                    "answer `{\"error\": {\"code\", \"message\"}}` (the /v2 routes: `{\"error\": \"<message>\"}`). "
+                    "The web console is at `/`.",
+        openapi_tags=TAGS, generate_unique_id_function=operation_id,
+        docs_url=None, redoc_url=None,  # the offline /docs is service.console's
     )
     app.state.settings = settings
     app.state.store = store
@@ -88,8 +119,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.add_middleware(errors.BodyLimit, default=settings.max_body_bytes, limits={
         ("POST", "/v1/models"): settings.max_bundle_bytes + UPLOAD_OVERHEAD_BYTES,
         ("POST", "/v1/evaluations"): settings.max_dataset_bytes + UPLOAD_OVERHEAD_BYTES})
-    for module in (certifications, predictions, evaluations, models, infer, health, metrics):
+    for module in (certifications, predictions, evaluations, models, limits, infer, health, metrics):
         app.include_router(module.router)
+    console.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

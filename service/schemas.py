@@ -8,9 +8,13 @@ settings (σ range, limits, feasibility) are in `service.parameters`.
 
 from __future__ import annotations
 
+import base64
+import io
 import math
+import zipfile
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.store import JobKind, JobState
@@ -201,19 +205,96 @@ class InferRequest(_Strict):
     parameters: OIPParameters | None = None
 
 
+# --- request examples (OpenAPI) --------------------------------------------------------
+# Each is a request the API accepts for the demo model "digits" ([1, 8, 8]), as it is
+# registered by `smoothcert up` (tests/service/test_openapi.py submits every one of them).
+
+# examples/digit-7.png: the demo model's example input, an 8×8 greyscale PNG.
+DIGIT_7_PNG_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAQklEQVR4nC3KQRGAIBAAwB0SXARsQAQi2MAKNjGCUbAB"
+                   "EaxAg/Pjvhd15gXGOLMh3ia7Ym1xq2Dmn/YZFBzPApEdH8G3EcaBn2t6AAAAAElFTkSuQmCC")
+DIGIT_7_PIXELS = [  # its pixels, 0-255
+    [0, 0, 32, 207, 255, 143, 0, 0], [0, 0, 191, 191, 112, 255, 48, 0], [0, 16, 223, 48, 0, 255, 64, 0],
+    [0, 0, 0, 64, 159, 255, 96, 0], [0, 0, 0, 207, 255, 255, 143, 0], [0, 0, 0, 80, 207, 16, 0, 0],
+    [0, 0, 0, 175, 143, 0, 0, 0], [0, 0, 16, 255, 64, 0, 0, 0]]
+
+
+def _npz_b64(**arrays: np.ndarray) -> str:
+    """An .npz as base64, byte for byte the same every time (np.savez stamps the current time,
+    and the schema must not change between API processes)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array, allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def _example(summary: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {"summary": summary, "value": value}
+
+
+_DIGIT = {"image_b64": DIGIT_7_PNG_B64}
+CERTIFICATION_EXAMPLES = {
+    "fixed_sigma": _example("A PNG at a fixed σ (the model's default when omitted)",
+                            {"model": "digits", "input": _DIGIT, "sigma": 0.25, "n": 100_000, "alpha": 0.001}),
+    "sigma_search": _example(
+        "A σ searched for this input (DDRS), answered through the shared memory",
+        {"model": "digits", "input": _DIGIT, "sigma_search": "ddrs", "n": 100_000, "alpha": 0.001}),
+    "sequential": _example(
+        "Sequential sampling: stop as soon as radius 0.25 is certified",
+        {"model": "digits", "input": _DIGIT, "sampling": "sequential", "target_radius": 0.25, "n": 100_000}),
+    "tensor_seed": _example(
+        "A nested-list tensor in [0, 1], with a caller's seed to reproduce a run (memory off)",
+        {"model": "digits", "input": {"tensor": [[[round(p / 255, 4) for p in row] for row in DIGIT_7_PIXELS]]},
+         "sigma": 0.25, "n": 10_000, "seed": 7}),
+}
+PREDICTION_EXAMPLES = {
+    "png": _example("The smoothed class of a PNG (PREDICT)",
+                    {"model": "digits", "input": _DIGIT, "sigma": 0.25, "n": 10_000, "alpha": 0.001}),
+}
+EVALUATION_EXAMPLES = {
+    "npz": _example(
+        "A one-example .npz (x uint8 [1, 8, 8], y [7]) at a fixed σ",
+        {"model": "digits", "dataset_b64": _npz_b64(x=np.array([DIGIT_7_PIXELS], dtype=np.uint8),
+                                                    y=np.array([7], dtype=np.int64)),
+         "sigma": 0.25, "n": 1000, "alpha": 0.001}),
+}
+# A multipart form: every field but the file as a form field (the file part is `image`,
+# `dataset` or `bundle`, chosen in the form).
+CERTIFICATION_FORM_EXAMPLE = {"model": "digits", "sigma": 0.25, "n": 100_000, "alpha": 0.001}
+PREDICTION_FORM_EXAMPLE = {"model": "digits", "sigma": 0.25, "n": 10_000}
+EVALUATION_FORM_EXAMPLE = {"model": "digits", "sigma": 0.25, "n": 1000, "every": 1, "limit": 100}
+# PREDICT only: with `parameters.smoothcert_task = "certify"` the same body asks for certificates
+# (docs/api.md); tests/service/test_fuzz.py replays examples against a stand-in worker that
+# answers predictions alone.
+INFER_EXAMPLES = {
+    "predict": _example(
+        "Two images as one UINT8 batch [2, 1, 8, 8]: the smoothed class of each",
+        {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "UINT8",
+                     "data": [p for _ in range(2) for row in DIGIT_7_PIXELS for p in row]}],
+         "parameters": {"n": 1000, "seed": 7}}),
+}
+
+
 # --- responses --------------------------------------------------------------------------
 
 
 class ErrorOut(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description="stable, for programs (docs/api.md lists them)")
+    message: str = Field(description="for people: what to change")
 
 
 class ErrorBody(BaseModel):
+    """Every error of the API but the /v2 routes' (docs/api.md, Errors)."""
+
     error: ErrorOut
 
 
 class JobOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"id": "3f0c5a2e9b8d4c1f8e7a6b5c4d3e2f10",
+                                                               "status": "queued"}]})
+
     id: str
     status: str
 
@@ -336,3 +417,34 @@ class InferOut(BaseModel):
     id: str | None = Field(None, description="the request's id, when it had one")
     parameters: dict[str, bool | int | float | str]
     outputs: list[InferOutput]
+
+
+class MemoryRulesOut(BaseModel):
+    levels: list[float] = Field(description="the α a certification with the memory on may use "
+                                            "(SMOOTHCERT_MEMORY_ALPHAS)")
+    min_n: int = Field(description="the fewest estimation samples with the memory on (SMOOTHCERT_MEMORY_MIN_N)")
+    quota_per_key: int = Field(description="entries one key may commit to one model's memories (0: no quota)")
+    capacity: int = Field(description="the most entries one memory holds")
+
+
+class LimitsOut(BaseModel):
+    """The request limits of this deployment (settings `SMOOTHCERT_<NAME>`): a request past
+    one is refused with a 4xx naming it. What fits the model (σ range, input shape) is
+    `GET /v1/models/{name}`'s."""
+
+    max_n: int
+    max_n0: int
+    max_alpha: float = Field(description="the laxest α any certificate may have")
+    max_batch_size: int
+    max_pixels: int = Field(description="H·W of an input image")
+    max_body_bytes: int
+    max_bundle_bytes: int
+    max_dataset_bytes: int
+    max_evaluation_examples: int
+    max_wait_seconds: float = Field(description="the longest long-poll (`?wait=`)")
+    job_ttl_seconds: int = Field(description="jobs and their inputs expire this long after creation")
+    job_time_limit_seconds: int
+    rate_limit_per_second: float = Field(description="per key, job submissions (0: off)")
+    rate_limit_burst: int = Field(description="per key, submissions at once")
+    max_open_jobs_per_key: int = Field(description="per key, queued and running jobs (0: off)")
+    memory: MemoryRulesOut

@@ -17,7 +17,6 @@ _EXPORTS = {
     "certify": "smoothcert.smoothing",
     "predict": "smoothcert.smoothing",
     "certify_drs": "smoothcert.drs",
-    "predict_drs": "smoothcert.drs",
     "search_sigma": "smoothcert.sigma",
     "Memory": "smoothcert.memory",
     "load_bundle": "smoothcert.bundle",

@@ -226,22 +226,40 @@ def load_bundle(source: str | os.PathLike | bytes, *, device: str | torch.device
 # ---------------------------------------------------------------- saving
 
 
-def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec,
+def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec | Mapping,
                 networks: nn.Module | tuple[nn.Module, nn.Module], *, fmt: str = "pt2") -> str:
     """Write a bundle to `out_dir` (replacing any bundle files there); returns its digest.
 
-    `networks`: one module (standard) or (left, right) (drs), each expecting normalised input
-    of `spec.network_shape`; they are copied to the CPU and not modified. fmt="pt2" exports
-    with a dynamic batch dimension (and writes no 'architecture'); fmt="state_dict" needs
-    `spec.architecture` and checks the weights fit it.
+    `spec`: a `ModelSpec`, or the model.json object as a dict (validated by
+    `ModelSpec.from_json`, so its errors name the field). `networks`: one module (standard)
+    or (left, right) (drs), each expecting normalised input of `spec.network_shape`; they are
+    copied to the CPU and not modified. fmt="pt2" exports with a dynamic batch dimension (and
+    writes no 'architecture'); fmt="state_dict" needs `spec.architecture` and checks the
+    weights fit it. Anything else (another type of spec or network, a remote spec, a network
+    that does not map a batch to [B, num_classes] logits) raises BundleError before a file
+    is written.
     """
     if fmt not in ("pt2", "state_dict"):
         raise BundleError(f"fmt must be 'pt2' or 'state_dict', got {fmt!r}")
-    nets = (networks,) if isinstance(networks, nn.Module) else tuple(networks)
-    if len(nets) != (1 if spec.kind == "standard" else 2) \
-            or not all(isinstance(n, nn.Module) for n in nets):
-        raise BundleError(f"a {spec.kind} bundle needs " + (
-            "one nn.Module" if spec.kind == "standard" else "a (left, right) pair of nn.Modules"))
+    if isinstance(spec, Mapping):
+        spec = ModelSpec.from_json(dict(spec))
+    elif not isinstance(spec, ModelSpec):
+        raise BundleError(f"spec must be a ModelSpec or the model.json object as a dict, got "
+                          f"{type(spec).__name__}")
+    if spec.kind == "remote":
+        raise BundleError("a remote bundle has no network: it is model.json alone "
+                          "(json.dumps(spec.to_json()) into model.json)")
+    wanted = "one nn.Module" if spec.kind == "standard" else "a (left, right) pair of nn.Modules"
+    if isinstance(networks, nn.Module):
+        nets: tuple = (networks,)
+    elif isinstance(networks, (tuple, list)):
+        nets = tuple(networks)
+    else:
+        hint = " (a state dict? pass the module itself)" if isinstance(networks, Mapping) else ""
+        raise BundleError(f"a {spec.kind} bundle needs {wanted}, got {type(networks).__name__}{hint}")
+    if len(nets) != (1 if spec.kind == "standard" else 2) or not all(isinstance(n, nn.Module) for n in nets):
+        got = ", ".join(type(n).__name__ for n in nets) or "nothing"
+        raise BundleError(f"a {spec.kind} bundle needs {wanted}, got ({got})")
     if fmt == "state_dict" and spec.architecture is None:
         raise BundleError("fmt='state_dict' needs spec.architecture (the network to rebuild)")
     if fmt == "pt2":  # the program carries its own graph
@@ -253,8 +271,13 @@ def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec,
         _check_network(net, spec, name, torch.device("cpu"), thorough=False)  # load checks all
         buf = io.BytesIO()
         if fmt == "pt2":
-            program = torch.export.export(net, (torch.zeros(2, *shape),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+            try:
+                program = torch.export.export(net, (torch.zeros(2, *shape),),
+                                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+            except Exception as e:  # torch raises many types here; the cause stays chained
+                raise BundleError(f"{name}: torch.export cannot export the network with a dynamic batch "
+                                  f"dimension ({type(e).__name__}: {e}); make forward() independent of "
+                                  "the batch size, or save fmt='state_dict' with an architecture") from e
             torch.export.save(program, buf)
         else:
             state = {k: v.detach().clone() for k, v in net.state_dict().items()}

@@ -2,8 +2,11 @@
 
 Every decoder returns a float32 array `[C, H, W]` (or `[H, W]` before `check_shape`) whose
 values are finite and lie in [0, 1], or raises `ImageError` with a message meant for the user.
-Nothing is resized or renormalised: a certificate is a statement about the model's own input
-space, so the input must already be in it.
+Nothing is resized, renormalised or converted between greyscale and colour: a certificate is
+a statement about the model's own input space, so the input must already be in it. One rule
+for channels, whatever the format: an image keeps the channels its file holds, and a count
+other than the model's is refused (`decode_image_for`, `check_shape`), never converted.
+Every image decoded by the API, the CLI and the training data loader goes through here.
 
 Imports only numpy, PIL and the standard library (never torch): the HTTP API process uses
 this module and stays torch-free.
@@ -23,7 +26,7 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "MAX_PIXELS",
@@ -31,6 +34,7 @@ __all__ = [
     "InputItem",
     "check_shape",
     "decode_image",
+    "decode_image_for",
     "decode_npy",
     "encode_png",
     "from_nested",
@@ -55,7 +59,9 @@ _ACCEPTED_IMAGES = "PNG or JPEG"
 _ACCEPTED_DTYPES = "uint8 (0-255) or float16/float32/float64 (in [0, 1])"
 # PIL modes holding one 16-bit grey channel: converting them to "L" would clip, not scale.
 _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
-_GREY_MODES = frozenset({"1", "L", "LA", "La"}) | _WIDE_GREY_MODES
+# The 8-bit modes a PNG or JPEG decodes to, by the names errors give them.
+_EIGHT_BIT_MODES = {"1": "1-bit greyscale", "L": "greyscale", "LA": "greyscale+alpha",
+                    "RGB": "RGB", "RGBA": "RGBA"}
 
 
 class ImageError(ValueError):
@@ -80,19 +86,55 @@ class InputItem:
 def decode_image(
     data: bytes, *, channels: int | None = None, max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
-    """Decode a PNG or JPEG into float32 `[C, H, W]` in [0, 1].
+    """Decode a PNG or JPEG into float32 `[C, H, W]` in [0, 1], with the file's own channels.
 
-    `channels`: 1 converts to greyscale, 3 to RGB; None keeps greyscale images as one channel
-    and gives everything else as RGB. Alpha is dropped (not composited). Pixels are taken as
-    stored: EXIF orientation is not applied. 8-bit samples are divided by 255, 16-bit
-    greyscale samples by 65535 (PIL reduces 16-bit colour PNGs to 8 bits).
+    The EXIF orientation (JPEG and PNG) is applied first. Then: greyscale (1-, 8- or 16-bit)
+    gives 1 channel, RGB 3; a palette image gives the mode of its palette (RGB, so 3 channels,
+    even when every colour in it is grey). Alpha (an RGBA or LA image, a transparent palette
+    entry or tRNS colour key) is refused unless every pixel is fully opaque, and then dropped.
+    8-bit samples are divided by 255 and 16-bit greyscale samples by 65535, in float32: each
+    value is the float32 nearest the exact quotient. Refused as well: CMYK, 16-bit colour or alpha PNGs (PIL
+    keeps only their top 8 bits), other formats, more than `max_pixels` pixels (checked from
+    the header, before decoding; PIL's own decompression-bomb limit is reported the same
+    way), truncated or corrupt files.
 
-    Refuses (ImageError): other formats, more than `max_pixels` pixels (checked from the
-    header, before decoding), truncated or corrupt files. PIL's own decompression-bomb limit
-    (`Image.MAX_IMAGE_PIXELS`) applies too and is reported the same way.
+    `channels`: when given, an image with another channel count is refused, naming its
+    mode and size; nothing is ever converted.
     """
-    if channels not in (None, 1, 3):
-        raise ImageError(f"images decode to 1 or 3 channels, not {channels}")
+    array, mode = _decode(data, max_pixels)
+    if channels is not None and array.shape[0] != channels:
+        raise ImageError(f"{_describe(array, mode)}; expected {channels} {_plural(channels, 'channel')}; "
+                         "images are never converted between greyscale and colour")
+    return array
+
+
+def decode_image_for(
+    data: bytes, input_shape: Sequence[int], *, model: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """`decode_image` checked against a model's `input_shape` (C, H, W): exactly that shape or
+    ImageError, whose message names the image's real mode and size and the model's shape,
+    e.g. "the image is RGB 32×32 (H×W, 3 channels); model 'digits' takes 1×8×8 (C×H×W)"."""
+    expected = tuple(int(s) for s in input_shape)
+    array, mode = _decode(data, max_pixels)
+    if array.shape != expected:
+        who = f"model {model!r}" if model else "the model"
+        raise ImageError(f"{_describe(array, mode)}; {who} takes {'×'.join(map(str, expected))} "
+                         "(C×H×W); images are never resized or converted")
+    return array
+
+
+def _describe(array: np.ndarray, mode: str) -> str:
+    c, h, w = array.shape
+    return f"the image is {mode} {h}×{w} (H×W, {c} {_plural(c, 'channel')})"
+
+
+def _plural(count: int, word: str) -> str:
+    return word if count == 1 else f"{word}s"
+
+
+def _decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, str]:
+    """(float32 `[C, H, W]`, the name of the file's mode as users know it)."""
     data = bytes(data)
     if data.startswith(_PNG_MAGIC):
         fmt = "PNG"
@@ -118,41 +160,81 @@ def decode_image(
                     f"image is {width}×{height} = {width * height} pixels, more than the "
                     f"{max_pixels} accepted"
                 )
+            # Read before decoding: PIL reduces 16-bit colour and alpha samples to their top
+            # byte (and 16-bit grey+alpha to RGBA) without a word.
+            raw = image.tile[0][3] if image.tile else None
+            if isinstance(raw, str) and raw.endswith(";16B") and not raw.startswith("I;16"):
+                raise ImageError(
+                    f"16-bit {_EIGHT_BIT_MODES.get(raw[:-4], raw[:-4])} PNGs are refused (they would lose "
+                    "their low 8 bits): "
+                    "save 8 bits per channel, 16-bit greyscale, or send the pixels as .npy"
+                )
             image.load()  # decodes the pixels: truncation and corruption surface here
+            # Orientation first: every later step (and the shape check) sees the image the
+            # way its EXIF says it is shown.
+            ImageOps.exif_transpose(image, in_place=True)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError(f"corrupt or truncated {fmt} file: its header cannot be read") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError,
+            struct.error) as exc:
         # PIL reports bad data with any of these (SyntaxError: "broken PNG file", ...).
         raise ImageError(f"corrupt or truncated {fmt} file: {exc}") from None
-    return _pixels(image, channels)
+    return _pixels(image)
 
 
-def _pixels(image: Image.Image, channels: int | None) -> np.ndarray:
-    grey = image.mode in _GREY_MODES
-    if image.mode in _WIDE_GREY_MODES:
-        # 16-bit PNG greyscale: scale by the full 16-bit range (convert("L") would clip).
-        values = np.asarray(image).astype(np.float64)
+def _pixels(image: Image.Image) -> tuple[np.ndarray, str]:
+    """The decoded image as float32 `[C, H, W]` with its own channels, and its mode's name."""
+    mode, key = image.mode, image.info.get("transparency")
+    if mode in _WIDE_GREY_MODES:
+        values = np.asarray(image).astype(np.int64)
         if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ImageError(f"{image.mode} image holds values outside the 16-bit range")
-        array = (values / 65535.0).astype(np.float32)[None]
-        if channels == 3:
-            array = np.repeat(array, 3, axis=0)
-        return np.ascontiguousarray(array, dtype=np.float32)
-    mode = {1: "L", 3: "RGB"}.get(channels) if channels else ("L" if grey else "RGB")
-    try:
-        converted = image.convert(mode)
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"cannot convert a {image.mode} image to {mode}: {exc}") from None
-    pixels = np.asarray(converted, dtype=np.uint8)
-    if pixels.ndim == 2:
-        pixels = pixels[None]
+            raise ImageError(f"{mode} image holds values outside the 16-bit range")
+        if isinstance(key, int) and (count := int(np.count_nonzero(values == key))):
+            raise _transparent("16-bit greyscale", values.shape, count)
+        # Integers up to 65535 are exact in float32, and IEEE division rounds once: each
+        # sample is the float32 nearest v/65535 (as 8-bit ones are the nearest v/255).
+        return values.astype(np.float32)[None] / np.float32(65535.0), "16-bit greyscale"
+    if mode in ("P", "PA"):
+        # A palette image is an image of its palette's mode (RGB for PNG, even when every
+        # entry is grey), with alpha when the file marks an entry transparent.
+        base = "L" if image.palette is not None and image.palette.mode.startswith("L") else "RGB"
+        alpha = mode == "PA" or key is not None or (image.palette is not None and "A" in image.palette.mode)
+        name = f"{_EIGHT_BIT_MODES[base]} palette"
+        image = image.convert(base + "A" if alpha else base)
+    elif mode in _EIGHT_BIT_MODES:
+        name = _EIGHT_BIT_MODES[mode]
+        if mode in ("1", "L", "RGB") and key is not None:
+            # A tRNS colour key: pixels of that value are transparent, so the alpha rule holds.
+            image = image.convert("RGBA" if mode == "RGB" else "LA")
+        elif mode == "1":
+            image = image.convert("L")  # 0/255 samples, not booleans
     else:
-        pixels = pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(pixels, dtype=np.float32) / np.float32(255.0)
+        raise ImageError(
+            f"{mode} images are refused: send greyscale, RGB, or RGBA with every pixel opaque"
+            + (" (convert CMYK to RGB with its colour profile first)" if mode == "CMYK" else "")
+        )
+    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    if image.mode in ("LA", "RGBA"):
+        if count := int(np.count_nonzero(pixels[..., -1] != 255)):
+            raise _transparent(name, pixels.shape[:2], count)
+        pixels = pixels[..., :-1]  # fully opaque: the alpha channel says nothing
+        if mode in ("LA", "RGBA"):
+            name = f"opaque {name}"
+    array = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+    return array, name
+
+
+def _transparent(name: str, size: Sequence[int], count: int) -> ImageError:
+    return ImageError(
+        f"the image is {name} {size[0]}×{size[1]} with {count} transparent or translucent "
+        f"{_plural(count, 'pixel')}: alpha is refused unless every pixel is opaque (flatten the "
+        "image onto a background first)"
+    )
 
 
 def _sniff(data: bytes) -> str:
@@ -373,11 +455,12 @@ _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 
 
 def load_inputs(
-    paths: Iterable[str | PathLike[str]], input_shape: Sequence[int]
+    paths: Iterable[str | PathLike[str]], input_shape: Sequence[int], *, model: str | None = None
 ) -> list[InputItem]:
     """Read the CLI's input files into items of exactly `input_shape` (C, H, W).
 
-    `.png/.jpg/.jpeg`: one item, converted to the model's channel count when it is 1 or 3.
+    `.png/.jpg/.jpeg`: one item, decoded by `decode_image_for` (its own channels, which must
+    be the model's; `model` names the model in the refusal).
     `.npy`: one item, or N items from `[N, C, H, W]` (or `[N, H, W]` when C == 1).
     `.npz`: items from array `x` (one image or a batch), labels from `y` when present (one
     non-negative integer per item). Items of a batch are named `file[i]`.
@@ -401,9 +484,7 @@ def load_inputs(
             raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
         try:
             if suffix in _IMAGE_SUFFIXES:
-                channels = shape[0] if shape[0] in (1, 3) else None
-                image = decode_image(data, channels=channels)
-                items.append(InputItem(path.name, check_shape(image, shape)))
+                items.append(InputItem(path.name, decode_image_for(data, shape, model=model)))
             elif suffix == ".npy":
                 items.extend(_batch_items(path.name, _load_npy(data), None, shape, False))
             else:

@@ -7,7 +7,9 @@ against what the engine gives for the same request in this process.
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,24 +151,35 @@ def test_health_and_metrics(stack):
 
 
 def test_cli_certify_wait(stack):
+    """Several inputs, submitted together: one readable line each (radius rounded down), the
+    progress on stderr ending full; --json gives the certificate as the server sent it."""
     env = dict(os.environ, SMOOTHCERT_URL=stack, SMOOTHCERT_API_KEY=USER)
-    out = subprocess.run([sys.executable, "-m", "smoothcert.cli", "certify", str(ROOT / "examples" / "digit-9.png"),
-                          "--model", "digits", "--n", "1000", "--wait"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    digits = [str(ROOT / "examples" / f"digit-{d}.png") for d in (9, 4)]
+    command = [sys.executable, "-m", "smoothcert.cli", "certify", "--model", "digits", "--n", "1000", "--wait"]
+    out = subprocess.run(command + digits, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert '"prediction": 9' in out.stdout
+    lines = out.stdout.splitlines()
+    assert [line.split(", radius")[0] for line in lines] == ["digit-9.png: class 9 (9)", "digit-4.png: class 4 (4)"]
+    assert all(re.search(r"radius \d\.\d{4} \(σ 0\.25, n 1000, α 0\.001\), memory off$", line) for line in lines)
+    assert out.stderr.count("(estimation 1,000/1,000)") == 2, out.stderr
+    out = subprocess.run(command + digits[:1] + ["--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)["prediction"] == 9, out.stderr
 
 
-def test_readme_sdk_example_runs(stack, monkeypatch, capsys):
-    from .test_readme import python_block
+def test_sdk_page_examples_run(stack, monkeypatch, capsys):
+    from .test_readme import python_block, replaced
 
+    page = ROOT / "docs" / "sdk.md"
     monkeypatch.setenv("SMOOTHCERT_URL", stack)
     monkeypatch.setenv("SMOOTHCERT_API_KEY", USER)
     monkeypatch.chdir(ROOT)
-    code = python_block("## The service").replace('sigma_search="ddrs")', 'sigma_search="ddrs", n=2000)')
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README
+    code = replaced(python_block("## Certify", page), ('sigma_search="ddrs")', 'sigma_search="ddrs", n=2000)'))
+    exec(compile(code, "sdk.md", "exec"), {})  # noqa: S102 - our own docs
     last = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert last[0] == "7" and float(last[1]) > 0 and last[2] in ("new", "inside", "shrunk")
+    code = replaced(python_block("## Async", page), ("n=10_000", "n=1000"))
+    exec(compile(code, "sdk.md", "exec"), {})  # noqa: S102
+    assert float(capsys.readouterr().out.strip().splitlines()[-1]) > 0
 
 
 def test_evaluation_job_over_http(stack):

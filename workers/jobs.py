@@ -11,7 +11,9 @@ Guarantees of `run_job`:
   outlasts the store's retries is raised, the job left unended for redelivery;
 - a cancel flag stops the engine within one batch; progress is written at most
   4 times a second, and exactly (the samples the job did) when it stops on a cancel or
-  its time limit.
+  its time limit; a succeeded job's progress ends full (done = total); while the worker
+  loads a model it has not cached (a job's first on it: loading, batch-size probe,
+  compilation) the job's stage is "loading".
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Answer:
 class ProgressWriter:
     """The engine's progress callback, writing to the job at most once per `interval` s
     (the first call always: a client sees the job move at once); `flush` writes the latest
-    call's values, so a job that stops early shows exactly the samples it did."""
+    call's values, so a job that stops early shows exactly the samples it did; `finish`
+    writes them as a finished stage, so a succeeded job's progress ends full."""
 
     def __init__(self, store: Store, job_id: str, interval: float = 0.25):
         self.store, self.job_id, self.interval = store, job_id, interval
@@ -78,9 +81,24 @@ class ProgressWriter:
             self._last = now
             self._write()
 
+    def now(self, stage: str, done: int, total: int) -> None:
+        """Record and write at once, unthrottled (a stage that must be seen, such as memory)."""
+        self._latest = (stage, done, total)
+        self._last = time.monotonic()
+        self._write()
+
     def flush(self) -> None:
         if self._latest is not None and self._latest != self._written:
             self._write()
+
+    def finish(self) -> None:
+        """Write the last stage as complete, `done` of `done` (writes are throttled, so the last
+        one written may lag behind the work). When sampling stopped early (sequential) the total
+        shrinks to the samples drawn: it never claims samples that were not drawn."""
+        if self._latest is not None:
+            stage, done, _ = self._latest
+            self._latest = (stage, done, done)
+            self.flush()
 
     def _write(self) -> None:
         self._written = self._latest
@@ -142,6 +160,7 @@ def certification_result(cert: Certificate, job: JobRecord, model: LoadedModel, 
         "memory": record,
         "guarantee": guarantee(cert, memory=memory, seed_source=seed_source),
         "model": {"name": job.model, "digest": cert.model_digest or job.digest},
+        "input_sha256": job.request.get("input_sha256"),  # the decoded tensor the API stored
         "seed": cert.seed, "seed_source": seed_source, "numeric_mode": cert.numeric_mode,
         "batch_size": cert.batch_size, "p_b_upper": cert.p_b_upper,
         "p_a_lower_halves": list(cert.p_a_lower_halves) if cert.p_a_lower_halves else None,
@@ -225,7 +244,12 @@ def execute(store: Store, runtime: ModelRuntime, job: JobRecord,
             progress: ProgressWriter | None = None) -> tuple[dict, Answer]:
     """Run the engine for a started job; raises what `run_job` turns into errors."""
     cancel = cancel or (lambda: store.cancel_requested(job.id))
-    model = runtime.get(job.digest, job.request.get("numeric_mode"))
+    mode = job.request.get("numeric_mode")
+    if not runtime.cached(job.digest, mode):
+        # A model's first job on a worker pays its load and batch-size probe (several times
+        # the job itself on a small model): say so, rather than show a job stuck at nothing.
+        store.set_progress(job.id, "loading", 0, 0)
+    model = runtime.get(job.digest, mode)
     if job.kind == "evaluation":
         summary, run = run_evaluation(store, model, job, cancel)
         spent = Answer(sum(r.certificate.samples for r in run.rows),
@@ -241,7 +265,7 @@ def execute(store: Store, runtime: ModelRuntime, job: JobRecord,
     memory = bool(req.get("memory", False))
     cert = model.certify(
         x, job.id, memory=memory, owner=job.owner,
-        on_commit=lambda spent: store.set_progress(job.id, "memory", spent, spent),
+        on_commit=lambda spent: progress.now("memory", spent, spent),
         sigma_search=sigma_search_of(req.get("sigma_search")),
         **_present(req, "sigma", "bound", "n0", "n", "alpha", "sampling", "tolerance",
                    "target_radius", "batch_size", "seed"), **common,
@@ -303,6 +327,7 @@ def run_job(store: Store, runtime: ModelRuntime, job_id: str, settings: Settings
         # answered_total counts every answer; abstained_total the abstentions among them.
         # Counted by the finish itself, so a worker dying right after it loses no count.
         counters = [f"answered_total:{job.kind}"] + ([f"abstained_total:{job.kind}"] if answer.abstained else [])
+        progress.finish()  # before the end: progress is written only while the job runs
         store.finish_job(job_id, "succeeded", result=result, counters=counters)
     return _status(store, job_id)
 

@@ -122,6 +122,12 @@ class ModelRuntime:
         self.scheduler = BatchScheduler() if merge else None
         self.durability = DurabilityGuard(store.r, check=settings.memory_durability_check)
 
+    def cached(self, digest: str, numeric_mode: str | None = None) -> bool:
+        """Whether `get` would answer from the cache now, without loading (a hint: another
+        thread may load or drop it in between)."""
+        with self._lock:
+            return (digest, canonical_mode(numeric_mode)) in self._models
+
     def get(self, digest: str, numeric_mode: str | None = None) -> LoadedModel:
         """The model with this digest in this mode, loaded now if it is not cached."""
         key = (digest, canonical_mode(numeric_mode))

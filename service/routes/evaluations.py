@@ -12,14 +12,20 @@ from service.datasets import dataset_input
 from service.deps import CallerDep, StoreDep
 from service.errors import APIError, NotFound, responses
 from service.routes.job_routes import job_router
-from service.schemas import EvaluationOut, EvaluationParams, EvaluationRequest
+from service.schemas import (
+    EVALUATION_EXAMPLES,
+    EVALUATION_FORM_EXAMPLE,
+    EvaluationOut,
+    EvaluationParams,
+    EvaluationRequest,
+)
 
 ARTIFACTS = {"curve.png": "image/png", "results.tsv": "text/tab-separated-values"}
 
 router = job_router(
     "evaluation", request_model=EvaluationRequest, params_model=EvaluationParams,
     out_model=EvaluationOut, to_request=parameters.evaluation, decode=dataset_input,
-    file_field="dataset",
+    file_field="dataset", json_examples=EVALUATION_EXAMPLES, form_example=EVALUATION_FORM_EXAMPLE,
     summary="Queue an evaluation of an uploaded dataset (multipart `dataset`: an .npz or a zip "
             "of class folders); answers 202 and the job's `Location`.",
 )

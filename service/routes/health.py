@@ -14,13 +14,13 @@ from service.schemas import HealthOut
 router = APIRouter(prefix="/v2/health", tags=["health"])
 
 
-@router.get("/live", response_model=HealthOut)
+@router.get("/live", response_model=HealthOut, name="get_liveness")
 async def live() -> HealthOut:
     """200 while the process serves requests."""
     return HealthOut(status="live", live=True)
 
 
-@router.get("/ready", response_model=HealthOut, responses=responses(503))
+@router.get("/ready", response_model=HealthOut, name="get_readiness", responses=responses(503))
 def ready(settings: SettingsDep, store: StoreDep):
     """200 when Redis answers and at least one worker sent a heartbeat within three
     heartbeat periods; 503 naming what is missing otherwise."""

@@ -27,7 +27,7 @@ from service.deps import Caller, CallerDep, SettingsDep, StoreDep
 from service.errors import APIError, NotFound, TooManyRequests
 from service.inputs import to_npy
 from service.oip import ModelMetadataOut, ModelReadyOut, ServerMetadataOut, oip_responses
-from service.schemas import InferOut
+from service.schemas import INFER_EXAMPLES, InferOut
 from service.store import TERMINAL, JobKind, JobRecord, ModelRecord, Store
 from smoothcert import __version__
 from smoothcert.manifest import ModelSpec
@@ -39,14 +39,14 @@ router = APIRouter(tags=["inference"])
 FAILURE_STATUS = {"invalid_request": 400, "bad_model": 409, "cancelled": 409, "time_limit": 504,
                   "enqueue_failed": 503, "remote_error": 502, "remote_unavailable": 503, "remote_changed": 409}
 _INFER_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}, "examples": INFER_EXAMPLES},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": (
         "the binary tensor extension: the JSON request (its length in the Inference-Header-Content-Length "
         "header), then each input's parameters.binary_data_size raw little-endian bytes")}},
 }}}
 
 
-@router.get("/v2", response_model=ServerMetadataOut, responses=oip_responses(500))
+@router.get("/v2", response_model=ServerMetadataOut, name="oip_server_metadata", responses=oip_responses(500))
 async def server_metadata() -> ServerMetadataOut:
     """The server's name, version and the protocol extensions it implements."""
     return ServerMetadataOut(name="smoothcert", version=__version__, extensions=list(oip.EXTENSIONS))
@@ -65,14 +65,15 @@ async def _metadata(store: Store, name: str, version: str | None) -> ModelMetada
     return oip.model_metadata(model.name, model.digest, spec)
 
 
-@router.get("/v2/models/{name}", response_model=ModelMetadataOut, responses=oip_responses(401, 404, 503))
+@router.get("/v2/models/{name}", response_model=ModelMetadataOut, name="oip_model_metadata",
+            responses=oip_responses(401, 404, 503))
 async def model_metadata(name: str, store: StoreDep, caller: CallerDep) -> ModelMetadataOut:
     """The model's input and outputs (-1: the batch dimension), its one version (the digest)."""
     return await _metadata(store, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadataOut,
-            responses=oip_responses(401, 404, 503))
+            name="oip_model_version_metadata", responses=oip_responses(401, 404, 503))
 async def model_version_metadata(name: str, version: str, store: StoreDep, caller: CallerDep) -> ModelMetadataOut:
     """As `GET /v2/models/{name}`, for the version that is the model's digest (another is 404)."""
     return await _metadata(store, name, version)
@@ -87,14 +88,15 @@ async def _ready(settings: Settings, store: Store, name: str, version: str | Non
     return ModelReadyOut(name=model.name, ready=True)
 
 
-@router.get("/v2/models/{name}/ready", response_model=ModelReadyOut, responses=oip_responses(401, 404, 503))
+@router.get("/v2/models/{name}/ready", response_model=ModelReadyOut, name="oip_model_ready",
+            responses=oip_responses(401, 404, 503))
 async def model_ready(name: str, settings: SettingsDep, store: StoreDep, caller: CallerDep) -> ModelReadyOut:
     """200 when the model is registered and a worker is live; 404 unknown, 503 no worker."""
     return await _ready(settings, store, name, None)
 
 
 @router.get("/v2/models/{name}/versions/{version}/ready", response_model=ModelReadyOut,
-            responses=oip_responses(401, 404, 503))
+            name="oip_model_version_ready", responses=oip_responses(401, 404, 503))
 async def model_version_ready(name: str, version: str, settings: SettingsDep, store: StoreDep,
                               caller: CallerDep) -> ModelReadyOut:
     """As `GET /v2/models/{name}/ready`, for the version that is the model's digest."""
@@ -104,7 +106,7 @@ async def model_version_ready(name: str, version: str, settings: SettingsDep, st
 _INFER_STATUSES = oip_responses(400, 401, 404, 409, 413, 415, 429, 500, 502, 503, 504)
 
 
-@router.post("/v2/models/{name}/infer", response_model=InferOut, openapi_extra=_INFER_BODY,
+@router.post("/v2/models/{name}/infer", response_model=InferOut, name="oip_infer", openapi_extra=_INFER_BODY,
              responses=_INFER_STATUSES)
 async def infer(name: str, request: Request, settings: SettingsDep, store: StoreDep, caller: CallerDep) -> Response:
     """Per input element, the smoothed class (PREDICT; -1 for an abstention) or, with
@@ -112,8 +114,8 @@ async def infer(name: str, request: Request, settings: SettingsDep, store: Store
     return await _infer(request, settings, store, caller, name, None)
 
 
-@router.post("/v2/models/{name}/versions/{version}/infer", response_model=InferOut, openapi_extra=_INFER_BODY,
-             responses=_INFER_STATUSES)
+@router.post("/v2/models/{name}/versions/{version}/infer", response_model=InferOut, name="oip_infer_version",
+             openapi_extra=_INFER_BODY, responses=_INFER_STATUSES)
 async def infer_version(name: str, version: str, request: Request, settings: SettingsDep, store: StoreDep,
                         caller: CallerDep) -> Response:
     """As `POST /v2/models/{name}/infer`, for the version that is the model's digest."""

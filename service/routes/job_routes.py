@@ -23,7 +23,7 @@ from service.deps import (
     submit_openapi,
 )
 from service.errors import responses
-from service.inputs import decode_input
+from service.inputs import decode_input, input_sha256
 from service.schemas import JobOut, JobStatus
 from service.store import JobKind, JobRecord, Store
 from smoothcert.manifest import ModelSpec
@@ -38,11 +38,25 @@ def image_input(params: Any, upload: bytes | None, spec: ModelSpec, settings: Se
     return decode_input(source, spec, max_pixels=settings.max_pixels)
 
 
+def with_examples(doc: dict[str, Any], json_examples: dict[str, Any], form_example: dict[str, Any],
+                  file_field: str) -> dict[str, Any]:
+    """`request_body_doc`'s `openapi_extra` with named examples on the JSON body and one on
+    the form (its fields; the file part named)."""
+    content = doc["requestBody"]["content"]
+    content["application/json"]["examples"] = json_examples
+    content["multipart/form-data"]["examples"] = {"form": {
+        "summary": f"The same as form fields, the file as the part '{file_field}'",
+        "value": {**form_example, file_field: f"({file_field} file)"}}}
+    return doc
+
+
 def job_router(kind: JobKind, *, request_model: type, params_model: type, out_model: type[JobOut],
-               to_request: Callable[..., dict[str, Any]], summary: str,
-               decode: Callable[..., bytes] = image_input, file_field: str = "image") -> APIRouter:
+               to_request: Callable[..., dict[str, Any]], summary: str, json_examples: dict[str, Any],
+               form_example: dict[str, Any], decode: Callable[..., bytes] = image_input,
+               file_field: str = "image") -> APIRouter:
     """`/v1/{kind}s` with routes named create_/get_/cancel_{kind} (stable operation ids).
-    `decode(params, upload, spec, settings)` makes the stored input (4xx on bad input)."""
+    `decode(params, upload, spec, settings)` makes the stored input (4xx on bad input);
+    `json_examples` (OpenAPI named examples) and `form_example` document the two bodies."""
     path = f"/v1/{kind}s"
     router = APIRouter(prefix=path, tags=[f"{kind}s"])
 
@@ -54,12 +68,15 @@ def job_router(kind: JobKind, *, request_model: type, params_model: type, out_mo
         model, spec = jobs.get_model_spec(store, params.model)
         job_request = to_request(params, spec, settings)
         input_bytes = decode(params, upload, spec, settings)
+        if kind == "certification":  # the decoded pixels, named: image decoders differ (docs/api.md)
+            job_request = {**job_request, "input_sha256": input_sha256(input_bytes)}
         return jobs.submit_blocking(store, settings, caller, kind, model, job_request, input_bytes,
                                     idempotency_key, seed_given=params.seed is not None)
 
     @router.post("", status_code=202, response_model=out_model, name=f"create_{kind}",
                  description=summary,
-                 openapi_extra=request_body_doc(request_model, params_model, file_field) | submit_openapi(),
+                 openapi_extra=with_examples(request_body_doc(request_model, params_model, file_field),
+                                             json_examples, form_example, file_field) | submit_openapi(),
                  responses=responses(401, 404, 409, 413, 415, 422, 429, 503))
     async def create(request: Request, response: Response):
         # The caller, then the Idempotency-Key, as `CallerDep` and `IdempotencyKeyDep` would

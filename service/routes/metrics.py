@@ -14,6 +14,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from service.deps import SettingsDep, StoreDep
+from service.errors import responses
 from service.queue import QUEUE_DEVICE
 from service.store import Store
 
@@ -128,8 +129,9 @@ def render(store: Store, live_window: float) -> str:
     return w.text()
 
 
-@router.get("/metrics", response_class=PlainTextResponse,
-            responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text"}})
+@router.get("/metrics", response_class=PlainTextResponse, name="get_metrics",
+            responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text"},
+                       **responses(503)})
 def metrics(settings: SettingsDep, store: StoreDep) -> PlainTextResponse:
     """Queue depths, open jobs, job counters, latency histogram, throughput, abstentions."""
     text = render(store, 3 * settings.heartbeat_seconds)

@@ -65,14 +65,16 @@ def vet_bundle(data: bytes, max_bytes: int,
     return spec, digest
 
 
-_UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["bundle"],
-    "properties": {"bundle": {"type": "string", "format": "binary",
-                              "description": "the bundle as a .zip (model.json + network)"}}}}}}}
+_UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+    "schema": {"type": "object", "required": ["bundle"],
+               "properties": {"bundle": {"type": "string", "format": "binary",
+                                         "description": "the bundle as a .zip (model.json + network)"}}},
+    "examples": {"bundle": {"summary": "A bundle zip: model.json and weights.pt (docs/bundles.md)",
+                            "value": {"bundle": "digits.zip"}}}}}}}
 
 
 @router.post("", status_code=201, response_model=ModelOut, openapi_extra=_UPLOAD_DOC,
-                    responses=responses(401, 403, 413, 415, 422, 503))
+             responses=responses(401, 403, 413, 415, 422, 503))
 async def upload_model(request: Request, response: Response, settings: SettingsDep,
                        store: StoreDep, admin: AdminDep) -> ModelOut:
     """Register a bundle (multipart field `bundle`, a zip) under its model.json name,
@@ -127,7 +129,7 @@ def memory_out(store: Store, settings, name: str, digest: str, caller: Caller) -
                      your_commits=store.memory_commits_of(digest, caller.owner), namespaces=namespaces)
 
 
-@router.get("/{name}/memory", response_model=MemoryOut, responses=responses(401, 404, 503))
+@router.get("/{name}/memory", response_model=MemoryOut, name="get_model_memory", responses=responses(401, 404, 503))
 async def get_memory(name: str, settings: SettingsDep, store: StoreDep, caller: CallerDep) -> MemoryOut:
     """The model's certificate memories (every numeric mode, device type and α): committed
     entries and their size, and the rules of a commit."""
@@ -135,7 +137,8 @@ async def get_memory(name: str, settings: SettingsDep, store: StoreDep, caller: 
     return await run_in_threadpool(memory_out, store, settings, name, record.digest, caller)
 
 
-@router.delete("/{name}/memory", response_model=MemoryOut, responses=responses(401, 403, 404, 503))
+@router.delete("/{name}/memory", response_model=MemoryOut, name="reset_model_memory",
+                responses=responses(401, 403, 404, 503))
 async def reset_memory(name: str, settings: SettingsDep, store: StoreDep, admin: AdminDep) -> MemoryOut:
     """Drop every entry of every memory of the model, and the keys' commit counts (admin).
     Certificates issued before stay valid statements, but later answers no longer respect them."""

@@ -13,6 +13,7 @@ import sys
 from typing import TextIO
 
 from smoothcert.commands.options import (
+    add_bundle_option,
     add_certification_options,
     remote_options,
     sampling,
@@ -25,10 +26,12 @@ from smoothcert.rounding import floor_text
 def register(commands) -> None:
     c = commands.add_parser(
         "certify-local", help="certify images with a model bundle, in this process",
-        description="Certify each input with the bundle and write one TSV row per input.",
+        description="Certify each input with a model bundle (a directory or .zip, given by --bundle) in "
+                    "this process, and write one TSV row per input. To certify on a server with a "
+                    "registered model, use `smoothcert certify --model NAME`.",
     )
     c.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG/NPY files, or .npz with x (and y)")
-    c.add_argument("--model", required=True, help="bundle directory or .zip")
+    add_bundle_option(c)
     add_certification_options(c)
     c.add_argument("--out", help="TSV file (default: standard output)")
     c.set_defaults(run=certify_local)
@@ -45,7 +48,7 @@ def certify_local(args: argparse.Namespace) -> int:
 
     # Load straight onto the device: a .pt2 graph may name devices that only load_bundle rewrites.
     device = args.device or default_device()
-    certifier = Certifier(load_bundle(args.model, device=device, remote=remote_options(args)), device=device,
+    certifier = Certifier(load_bundle(args.bundle, device=device, remote=remote_options(args)), device=device,
                           numeric_mode=args.numeric_mode)
     items = load_inputs(args.inputs, certifier.spec.input_shape)
     search = sigma_search(args)

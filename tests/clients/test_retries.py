@@ -352,7 +352,7 @@ def test_the_cli_waits_through_an_api_restart(state, sleeps, capsys, tmp_path):
     image = tmp_path / "x.npy"
     np.save(image, np.full((1, 8, 8), 0.5, np.float32))
     flaky = Flaky(state, [None, "refuse", "refuse", "refuse", "refuse", "refuse"])
-    code = main(["certify", str(image), "--model", "digits", "--wait", "--server", BASE_URL], transport=flaky)
+    code = main(["certify", str(image), "--model", "digits", "--wait", "--json", "--server", BASE_URL], transport=flaky)
     out, err = capsys.readouterr()
     assert code == 0 and '"radius": 0.41' in out and len(state.jobs) == 1, err
     assert [r.method for r in flaky.seen][:6] == ["POST"] + ["GET"] * 5

@@ -96,6 +96,43 @@ def test_lists_pil_images_and_input_objects(client, state):
     assert sent_input(state) == {"tensor": TENSOR}
 
 
+def test_a_pil_image_is_sent_as_the_server_would_decode_its_file(client, state):
+    # Opened from a JPEG whose EXIF says "turn 90° clockwise": the server turns a file so
+    # before anything else; PNG encoding drops the tag, so the client turns the image first.
+    pixels = np.kron(np.arange(6, dtype=np.uint8).reshape(2, 3) * 40, np.ones((8, 8), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=100, exif=exif)
+    opened = Image.open(io.BytesIO(buf.getvalue()))
+    client.certify(opened, model="digits")
+    sent = Image.open(io.BytesIO(decoded(sent_input(state)["image_b64"])))
+    assert sent.format == "PNG" and sent.size == (16, 24) and sent.mode == "L"
+    assert np.array_equal(np.asarray(sent), np.rot90(np.asarray(opened), k=-1))
+
+
+@pytest.mark.parametrize("image", [
+    Image.new("RGBA", (8, 8), (1, 2, 3, 0)),  # the server refuses the transparency, not the client
+    Image.new("P", (8, 8), 3),
+    Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000),  # I;16, every bit kept
+    Image.new("LA", (8, 8), (5, 255)),
+], ids=lambda image: image.mode)
+def test_a_pil_image_keeps_its_mode_and_samples(client, state, image):
+    client.certify(image, model="digits")
+    sent = Image.open(io.BytesIO(decoded(sent_input(state)["image_b64"])))
+    assert sent.mode == image.mode
+    if image.mode == "P":  # PNG may renumber a palette: the colours are what must not change
+        sent, image = sent.convert("RGB"), image.convert("RGB")
+    assert np.array_equal(np.asarray(sent), np.asarray(image))
+
+
+@pytest.mark.parametrize("mode", ["F", "I", "CMYK", "YCbCr"])
+def test_a_pil_image_png_cannot_hold_is_refused_before_sending(client, state, mode):
+    with pytest.raises(InputError, match=f"a PIL image in mode {mode} cannot be sent unchanged"):
+        client.certify(Image.new(mode, (8, 8)), model="digits")
+    assert state.requests == []
+
+
 def test_content_decides_over_the_suffix(client, state, tmp_path):
     path = tmp_path / "really_npy.png"
     path.write_bytes(npy_bytes(np.zeros((1, 8, 8))))
@@ -262,6 +299,47 @@ def test_upload_a_directory_a_zip_or_bytes(client, state, tmp_path: Path):
     assert client.model("tiny").name == "tiny"
 
 
+def test_delete_a_model(client, state):
+    assert client.delete_model("stuck").name == "stuck" and "stuck" not in state.models
+    with pytest.raises(NotFoundError):
+        client.delete_model("stuck")
+
+
+# Evaluations
+
+
+def test_evaluate_uploads_the_data_set_and_fetches_its_files(client, state, tmp_path):
+    from clients._types import EvaluationResult
+
+    from .fake_server import CURVE, SUMMARY
+
+    data = tmp_path / "test.npz"
+    np.savez(data, x=np.zeros((3, 1, 8, 8), np.float32), y=np.array([1, 2, 3]))
+    job = client.evaluate(data, model="digits", n=1000, sigma_search="ddrs", memory=True, every=2)
+    assert job.kind == "evaluation" and state.requests[-1]["path"] == "/v1/evaluations"
+    assert state.datasets[-1] == ("test.npz", data.read_bytes(), {"model": "digits", "n": "1000",
+                                                                  "sigma_search": "ddrs", "memory": "true",
+                                                                  "every": "2"})
+    with pytest.raises(ConflictError):  # its files exist once it has succeeded
+        client.evaluation_file(job.id, "curve.png")
+    status = job.wait(timeout=5)
+    assert isinstance(status.result, EvaluationResult) and status.result.count == 3
+    assert status.result.certified_accuracy[1] == SUMMARY["certified_accuracy"][1] and status.result.acr == 0.4567891
+    assert client.evaluation_file(job.id, "curve.png") == CURVE
+    assert client.evaluation_file(job.id, "results.tsv").startswith(b"idx\t")
+    with pytest.raises(ValueError, match="curve.png"):
+        client.evaluation_file(job.id, "summary.json")
+    client.evaluate(data.read_bytes(), model="digits", sigma_search={"method": "insta", "steps": 1})
+    assert state.datasets[-1][0] == "dataset.npz" and state.datasets[-1][2]["sigma_search"] == \
+        '{"method": "insta", "steps": 1}'
+    sent = len(state.requests)
+    with pytest.raises(InputError, match="cannot read data set"):
+        client.evaluate(tmp_path / "missing.npz", model="digits")
+    with pytest.raises(TypeError, match="input"):
+        client.evaluate(data, model="digits", input=TENSOR)
+    assert len(state.requests) == sent
+
+
 def test_health(client, state):
     assert client.health() == {"ready": True, "redis": True, "workers": 1}
     state.ready = False
@@ -308,6 +386,10 @@ def test_async_client_does_what_the_sync_one_does(state, tmp_path):
         assert (await sc.model_memory("digits")).size == 2
         (tmp_path / "model.json").write_text('{"name": "tiny"}')
         assert (await sc.upload_model(tmp_path)).name == "tiny"
+        assert (await sc.delete_model("tiny")).name == "tiny"
+        evaluation = await (await sc.evaluate(b"PK\x05\x06" + b"\0" * 18, model="digits")).wait(timeout=5)
+        assert evaluation.result.count == 3 and state.datasets[-1][0] == "dataset.zip"
+        assert (await sc.evaluation_file(evaluation.id, "curve.png")).startswith(b"\x89PNG")
         assert (await sc.health())["ready"] is True
         assert (await sc.job(job.id).status()).status == "succeeded"
         with pytest.raises(NotFoundError):
@@ -338,3 +420,15 @@ def test_credentials_left_by_up_are_used_for_their_server_only(tmp_path):
     assert local.base_url == "http://127.0.0.1:8123" and local.api_key == "local-key"
     other = Client("http://elsewhere:8000")
     assert other.api_key is None  # a local key is never sent to another server
+
+
+def test_saved_keys_are_found_for_their_server_only(tmp_path):
+    from clients._base import credentials_path, resolve_url, saved_key
+
+    assert (resolve_url(), saved_key(resolve_url())) == ("http://127.0.0.1:8000", None)
+    path = credentials_path()
+    path.parent.mkdir(parents=True)
+    path.write_text('{"url": "http://127.0.0.1:8123", "api_key": "user", "admin_key": "admin"}')
+    assert resolve_url() == "http://127.0.0.1:8123" and resolve_url("http://x:1") == "http://x:1"
+    assert (saved_key("http://127.0.0.1:8123"), saved_key("http://127.0.0.1:8123", admin=True)) == ("user", "admin")
+    assert saved_key("http://127.0.0.1:8000", admin=True) is None

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 from service.config import Settings
@@ -65,22 +66,30 @@ def test_unknown_routes_and_methods_use_the_error_body(client):
 
 
 def test_openapi_operation_ids_are_stable(client):
+    """Operation ids are method names in generated clients: renaming one breaks them."""
     spec = client.get("/openapi.json").json()
     ids = {op["operationId"] for path in spec["paths"].values() for op in path.values()}
     assert ids == {
-        "certifications-create_certification", "certifications-get_certification",
-        "certifications-cancel_certification", "predictions-create_prediction",
-        "predictions-get_prediction", "predictions-cancel_prediction", "models-list_models",
-        "models-get_model", "models-upload_model", "models-delete_model", "models-get_memory",
-        "models-reset_memory",
-        "inference-infer", "inference-infer_version", "inference-server_metadata", "inference-model_metadata",
-        "inference-model_version_metadata", "inference-model_ready", "inference-model_version_ready",
-        "health-live", "health-ready", "metrics-metrics",
-        "evaluations-create_evaluation", "evaluations-get_evaluation", "evaluations-cancel_evaluation",
-        "evaluations-get_evaluation_curve", "evaluations-get_evaluation_results",
+        "create_certification", "get_certification", "cancel_certification",
+        "create_prediction", "get_prediction", "cancel_prediction",
+        "create_evaluation", "get_evaluation", "cancel_evaluation", "get_evaluation_curve", "get_evaluation_results",
+        "list_models", "get_model", "upload_model", "delete_model", "get_model_memory", "reset_model_memory",
+        "get_limits",
+        "oip_server_metadata", "oip_model_metadata", "oip_model_version_metadata", "oip_model_ready",
+        "oip_model_version_ready", "oip_infer", "oip_infer_version",
+        "get_liveness", "get_readiness", "get_metrics",
     }
     body = spec["paths"]["/v1/certifications"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
     assert "CertificationRequest" in spec["components"]["schemas"]
     assert "ImageInput" in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 200
+
+
+def test_two_routes_of_one_name_are_refused(settings, store, monkeypatch):
+    """Operation ids are route names, so a second route of a name would duplicate one."""
+    from service.routes import limits
+
+    monkeypatch.setattr(limits.router.routes[0], "name", "list_models")
+    with pytest.raises(RuntimeError, match="list_models"), pytest.warns(UserWarning, match="Duplicate Operation ID"):
+        create_app(settings, store).openapi()

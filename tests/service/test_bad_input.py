@@ -214,6 +214,64 @@ def test_bad_predictions(client, store, redis_client):
     assert nothing_stored(store, redis_client)
 
 
+# --- images: one channel rule whatever the format --------------------------------------------
+
+
+def _saved(image_: Image.Image, fmt: str = "PNG", **save) -> bytes:
+    out = io.BytesIO()
+    image_.save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def _png16(colour_type: int, samples: int) -> bytes:
+    """A 16-bit 8×8 PNG written by hand: PIL cannot save 16-bit colour."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + np.full(8 * samples, 4000, ">u2").tobytes() for _ in range(8))
+    ihdr = struct.pack(">IIBBBBB", 8, 8, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+_NEVER = "; model 'digits' takes 1×8×8 (C×H×W); images are never resized or converted"
+_OPAQUE_ONLY = "alpha is refused unless every pixel is opaque (flatten the image onto a background first)"
+_HALF_CLEAR = np.dstack([np.zeros((8, 8, 3)), np.repeat([[0], [255]], 4, axis=0).repeat(8, 1)]).astype(np.uint8)
+IMAGE_REFUSALS = {
+    # Before, an RGB file for this one-channel model was silently made grey.
+    "RGB PNG for a grey model": (_saved(Image.new("RGB", (8, 8), (200, 10, 10))),
+                                 "the image is RGB 8×8 (H×W, 3 channels)" + _NEVER),
+    "RGB JPEG for a grey model": (_saved(Image.new("RGB", (8, 8), (200, 10, 10)), "JPEG"),
+                                  "the image is RGB 8×8 (H×W, 3 channels)" + _NEVER),
+    "RGB 32×32 for a grey 8×8 model": (_saved(Image.new("RGB", (32, 32))),
+                                       "the image is RGB 32×32 (H×W, 3 channels)" + _NEVER),
+    "opaque RGBA": (_saved(Image.new("RGBA", (8, 8), (1, 2, 3, 255))),
+                    "the image is opaque RGBA 8×8 (H×W, 3 channels)" + _NEVER),
+    "palette": (_saved(Image.new("P", (8, 8))), "the image is RGB palette 8×8 (H×W, 3 channels)" + _NEVER),
+    "grey 16×16": (_saved(Image.new("L", (16, 16))), "the image is greyscale 16×16 (H×W, 1 channel)" + _NEVER),
+    "transparent RGBA": (_saved(Image.fromarray(_HALF_CLEAR)),
+                         f"the image is RGBA 8×8 with 32 transparent or translucent pixels: {_OPAQUE_ONLY}"),
+    "transparent grey+alpha": (
+        _saved(Image.fromarray(np.dstack([np.zeros((8, 8), np.uint8), np.full((8, 8), 9, np.uint8)]))),
+        f"the image is greyscale+alpha 8×8 with 64 transparent or translucent pixels: {_OPAQUE_ONLY}"),
+    "16-bit RGB": (_png16(2, 3), "16-bit RGB PNGs are refused (they would lose their low 8 bits): save 8 bits "
+                                 "per channel, 16-bit greyscale, or send the pixels as .npy"),
+    "CMYK JPEG": (_saved(Image.new("CMYK", (8, 8)), "JPEG"), "CMYK images are refused: send greyscale, RGB, or "
+                  "RGBA with every pixel opaque (convert CMYK to RGB with its colour profile first)"),
+}
+
+
+@pytest.mark.parametrize("case", IMAGE_REFUSALS, ids=list(IMAGE_REFUSALS))
+def test_image_refusals_name_the_files_real_mode_and_size(client, store, redis_client, case):
+    data, message = IMAGE_REFUSALS[case]
+    r = client.post("/v1/certifications", json=body(input={"image_b64": base64.b64encode(data).decode()}))
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {"code": "invalid_input", "message": f"input.image_b64: {message}"}
+    r = client.post("/v1/predictions", files={"image": ("x.png", data)}, data={"model": "digits", "n": "1000"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {"code": "invalid_input", "message": f"image: {message}"}
+    assert nothing_stored(store, redis_client)
+
+
 # --- property: random requests never make the API answer 5xx -------------------------------
 
 junk = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.text(max_size=8),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 import threading
 import time
@@ -10,8 +12,10 @@ import time
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service.config import Settings
+from service.inputs import input_sha256
 from service.main import create_app
 from tests.conftest import free_port
 from tests.service.conftest import (
@@ -86,6 +90,7 @@ def test_the_stored_request_resolves_every_default(client, store):
     request = store.get_job(r.json()["id"]).request
     seed = request.pop("seed")
     assert isinstance(seed, int) and 0 <= seed < 2**63
+    assert request.pop("input_sha256") == sha256_of(X)
     assert request == {"sigma": 0.25, "sigma_search": None, "bound": "cohen", "n0": 100, "n": 100000,
                        "alpha": 0.001, "sampling": "fixed", "tolerance": None, "target_radius": None,
                        "batch_size": None, "numeric_mode": "fp32", "memory": False, "seed_source": "server"}
@@ -118,6 +123,60 @@ def test_sequential_sampling_is_stored_with_its_target_radius(client, store):
     assert store.get_job(r.json()["id"]).request["target_radius"] == 0.0
     request = store.get_job(submit(client, {"sampling": "adaptive"}).json()["id"]).request
     assert request["target_radius"] is None
+
+
+def sha256_of(array: np.ndarray) -> str:
+    """What docs/api.md promises: the SHA-256 of the float32 array's bytes in C order."""
+    return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
+
+
+def test_the_request_records_the_sha256_of_the_decoded_input(client, store):
+    pixels = np.rint(X * 255) / np.float32(255)  # what the 8-bit PNG decodes to
+    for given, decoded in (({"tensor": X.tolist()}, X), ({"npy_b64": npy_b64(X)}, X),
+                           ({"image_b64": png_b64(X)}, pixels)):
+        job_id = submit(client, {"input": given}).json()["id"]
+        stored = store.get_input(job_id)
+        assert np.array_equal(stored_input(store, job_id), decoded)
+        assert input_sha256(stored) == sha256_of(decoded)
+        assert store.get_job(job_id).request["input_sha256"] == sha256_of(decoded)
+        assert client.get(f"/v1/certifications/{job_id}").json()["request"]["input_sha256"] == sha256_of(decoded)
+    assert sha256_of(pixels) != sha256_of(X)  # the hash tells the decoded pixels apart
+    r = client.post("/v1/certifications", files={"image": ("x.png", base64.b64decode(png_b64(X)))},
+                    data={"model": "digits", "n": "1000"})
+    assert store.get_job(r.json()["id"]).request["input_sha256"] == sha256_of(pixels)
+
+
+def _png(image_: Image.Image, **save) -> str:
+    out = io.BytesIO()
+    image_.save(out, format="PNG", **save)
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+GREY = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
+WIDE = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1031 + 7)
+ACCEPTED = {
+    "grey PNG": (_png(Image.fromarray(GREY)), GREY / np.float32(255)),
+    "16-bit grey PNG, by 65535": (_png(Image.fromarray(WIDE)), WIDE.astype(np.float32) / np.float32(65535)),
+    "opaque grey+alpha PNG, alpha dropped": (
+        _png(Image.fromarray(np.dstack([GREY, np.full((8, 8), 255, np.uint8)]))), GREY / np.float32(255)),
+    "EXIF-rotated PNG, turned first": (_png(Image.fromarray(GREY), exif=_exif(8)),
+                                       np.rot90(GREY, k=1) / np.float32(255)),
+}
+
+
+@pytest.mark.parametrize("case", ACCEPTED, ids=list(ACCEPTED))
+def test_accepted_images_are_stored_exactly(client, store, case):
+    data, expected = ACCEPTED[case]
+    r = submit(client, {"input": {"image_b64": data}})
+    assert r.status_code == 202, r.text
+    stored = stored_input(store, r.json()["id"])
+    assert stored.shape == (1, 8, 8) and np.array_equal(stored[0], expected)
 
 
 def test_a_sequential_certification_end_to_end(client, store, redis_url):

@@ -4,8 +4,12 @@ relies on."""
 
 from __future__ import annotations
 
+import base64
+import io
 import math
+import zipfile
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -80,3 +84,30 @@ def test_infer_requests(data):
     r = accepted(InferRequest, data)
     if r is not None:
         assert len(r.inputs) == 1 and 2 <= len(r.inputs[0].shape) <= 4 and min(r.inputs[0].shape) >= 1
+
+
+def test_the_openapi_examples_are_valid_requests():
+    """Each documented example is a request the schemas accept (the API accepting them, model
+    and limits included, is tests/service/test_openapi.py's), and the schema is the same in
+    every API process: the example .npz is byte for byte the same on every build."""
+    from service import schemas
+
+    for model, examples in [(CertificationRequest, schemas.CERTIFICATION_EXAMPLES),
+                            (PredictionRequest, schemas.PREDICTION_EXAMPLES),
+                            (schemas.EvaluationRequest, schemas.EVALUATION_EXAMPLES),
+                            (InferRequest, schemas.INFER_EXAMPLES)]:
+        for example in examples.values():
+            model.model_validate(example["value"])
+    for model, form in [(schemas.CertificationParams, schemas.CERTIFICATION_FORM_EXAMPLE),
+                        (schemas.PredictionParams, schemas.PREDICTION_FORM_EXAMPLE),
+                        (schemas.EvaluationParams, schemas.EVALUATION_FORM_EXAMPLE)]:
+        model.model_validate(form)
+    npz = base64.b64decode(schemas.EVALUATION_EXAMPLES["npz"]["value"]["dataset_b64"])
+    with zipfile.ZipFile(io.BytesIO(npz)) as zf:  # no time stamp of the build in it
+        assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    data = np.load(io.BytesIO(npz), allow_pickle=False)
+    assert data["x"].tolist() == [schemas.DIGIT_7_PIXELS] and data["y"].tolist() == [7]
+    from PIL import Image
+
+    png = Image.open(io.BytesIO(base64.b64decode(schemas.DIGIT_7_PNG_B64)))
+    assert np.asarray(png).tolist() == schemas.DIGIT_7_PIXELS  # the PNG and the pixels are one image

@@ -1,12 +1,15 @@
-"""`smoothcert up` from nothing: a private Redis, a worker, the API, the demo model, keys."""
+"""`smoothcert up` from nothing: a private Redis, a worker, the API, the demo model, keys; one
+`up` per state folder and port; a clean stop on SIGTERM and Ctrl-C."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,33 +24,137 @@ from ..conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_up_runs_the_stack_and_stops_it_all(tmp_path):
-    redis_port, api_port = free_port(), free_port()
-    env = dict(os.environ, SMOOTHCERT_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
-    log = tmp_path / "up.log"
+def start_up(tmp_path: Path, port: int, state: Path, env: dict, name: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"{name}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "smoothcert.cli", "up", "--port", str(api_port), "--state-dir", str(tmp_path / "state")],
+        [sys.executable, "-m", "smoothcert.cli", "up", "--port", str(port), "--state-dir", str(state)],
         env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
+    return proc, log
+
+
+def wait_for(text: str, log: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.3)
+
+
+def assert_stopped_cleanly(proc: subprocess.Popen, log: Path, signame: str, *ports: int) -> None:
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert output.splitlines()[-1] == f"smoothcert up: stopped on {signame} (API, worker, Redis)", output
+    time.sleep(1)
+    pattern = "|".join(f"{p}" for p in ports)
+    leftovers = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", f"processes left behind: {leftovers.stdout}"
+
+
+def test_up_runs_the_stack_refuses_a_second_up_and_stops_on_sigterm(tmp_path):
+    redis_port, api_port = free_port(), free_port()
+    env = dict(os.environ, SMOOTHCERT_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
+    state = tmp_path / "state"
+    proc, log = start_up(tmp_path, api_port, state, env, "up")
+    credentials = Path(os.environ["XDG_CONFIG_HOME"]) / "smoothcert" / "credentials.json"
     try:
-        deadline = time.monotonic() + 120
-        while "is up" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
-        saved = json.loads((Path(os.environ["XDG_CONFIG_HOME"]) / "smoothcert" / "credentials.json").read_text())
+        wait_for("is up", log, proc)
+        saved = json.loads(credentials.read_text())
         assert saved["url"] == f"http://127.0.0.1:{api_port}" and saved["api_key"] and saved["admin_key"]
-        with Client() as client:  # picks up the URL and key that `up` left
+        assert credentials.stat().st_mode & 0o777 == 0o600
+        assert (state / "up.lock").read_text().strip() == str(proc.pid)
+
+        def second_up(port: int, folder: Path) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "smoothcert.cli", "up", "--port", str(port),
+                                   "--state-dir", str(folder)], env=env, cwd=ROOT, capture_output=True,
+                                  text=True, timeout=60)
+
+        # The same state folder (another port): refused, naming the pid that holds it.
+        again = second_up(free_port(), state)
+        assert again.returncode == 1 and f"(pid {proc.pid}) is running on the state folder {state}" in again.stderr
+        # The same port (another folder): refused, naming the port.
+        again = second_up(api_port, tmp_path / "other")
+        assert again.returncode == 1 and f"something already answers on 127.0.0.1:{api_port}" in again.stderr
+        assert "Traceback" not in again.stderr and "stopped" not in again.stderr
+        assert json.loads(credentials.read_text()) == saved  # the running stack's keys still stand
+        with Client() as client:  # picks up the URL and key that the first `up` left
             status = client.certify(ROOT / "examples" / "digit-4.png", model="digits", n=1000).wait(timeout=60)
             assert status.status == "succeeded" and status.result.prediction == 4
             if worker_device() == "cpu":  # `up` declares its one worker's device to the API
                 with pytest.raises(UnprocessableEntityError, match="SMOOTHCERT_QUEUE_DEVICES"):
                     client.certify(ROOT / "examples" / "digit-4.png", model="digits", n=1000, numeric_mode="fp16")
     finally:
-        os.kill(proc.pid, signal.SIGINT)
-        proc.wait(30)
-    time.sleep(1)
-    leftovers = subprocess.run(["pgrep", "-f", f"{redis_port}|--port {api_port}"], capture_output=True, text=True)
-    assert leftovers.stdout.strip() == "", f"processes left behind: {leftovers.stdout}"
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    assert_stopped_cleanly(proc, log, "SIGTERM", redis_port, f"--port {api_port}")
+
+
+def test_ctrl_c_while_starting_stops_everything_cleanly(tmp_path):
+    redis_port, api_port = free_port(), free_port()
+    env = dict(os.environ, SMOOTHCERT_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")
+    proc, log = start_up(tmp_path, api_port, tmp_path / "state", env, "up")
+    try:
+        wait_for("starting at", log, proc)  # Redis, the worker and the API started, not ready yet
+    finally:
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends (the children have sessions of their own)
+        proc.wait(60)
+    assert_stopped_cleanly(proc, log, "SIGINT", redis_port, f"--port {api_port}")
+    assert not (Path(os.environ["XDG_CONFIG_HOME"]) / "smoothcert" / "credentials.json").exists()
+
+
+def test_the_state_lock_names_its_holder_and_dies_with_it(tmp_path):
+    from service.up import _hold_state, _Refused
+
+    fd = _hold_state(tmp_path)
+    with pytest.raises(_Refused, match=f"pid {os.getpid()}"):
+        _hold_state(tmp_path)
+    os.close(fd)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from service.up import _hold_state; _hold_state(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(_Refused, match=f"pid {holder.pid}"):
+        _hold_state(tmp_path)
+    holder.kill()  # SIGKILL: no clean-up at all, and still no stale lock
+    holder.wait(10)
+    os.close(_hold_state(tmp_path))
+
+
+def test_credentials_are_never_written_over_a_running_stacks(tmp_path):
+    import http.server
+
+    from service.up import save_credentials
+
+    class Live(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/v2/health/live" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Live)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    other = f"http://127.0.0.1:{server.server_address[1]}"
+    path = Path(os.environ["XDG_CONFIG_HOME"]) / "smoothcert" / "credentials.json"
+    try:
+        assert save_credentials(other, {"api_key": "theirs"}) == path
+        assert save_credentials("http://127.0.0.1:1", {"api_key": "mine"}) is None  # they answer: kept
+        assert json.loads(path.read_text()) == {"url": other, "api_key": "theirs"}
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert save_credentials("http://127.0.0.1:1", {"api_key": "mine"}) == path  # they are gone: replaced
+    assert json.loads(path.read_text()) == {"url": "http://127.0.0.1:1", "api_key": "mine"}
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_up_describes_itself():
+    out = subprocess.run([sys.executable, "-m", "smoothcert.cli", "up", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "refuses to start when the API port already answers" in " ".join(out.split())
+    assert re.search(r"--port PORT\s+the API's port", out) and re.search(r"--host HOST\s+interface", out)
 
 
 def test_register_model_provisions_the_registry(redis_url, redis_client):

@@ -53,7 +53,7 @@ def inputs(tmp_path):
 def test_certify_local_writes_cohen_tsv(tmp_path, inputs, capsys):
     bundle = linear_bundle(tmp_path / "bundle")
     out = tmp_path / "out.tsv"
-    code = main(["certify-local", "--model", str(bundle), str(inputs / "set.npz"), str(inputs / "one.npy"),
+    code = main(["certify-local", "--bundle", str(bundle), str(inputs / "set.npz"), str(inputs / "one.npy"),
                  "--n", "2000", "--n0", "50", "--alpha", "0.01", "--seed", "4", "--out", str(out)])
     assert code == 0
     rows = read_tsv(out.read_text())
@@ -82,7 +82,7 @@ def test_certify_local_writes_cohen_tsv(tmp_path, inputs, capsys):
         assert noted[idx] <= Decimal(cert.radius) < noted[idx] + Decimal("1e-3")
         assert float(rows[idx]["sigma"]) == cert.sigma
     again = tmp_path / "again.tsv"
-    main(["certify-local", "--model", str(bundle), str(inputs / "set.npz"), "--n", "2000", "--n0", "50",
+    main(["certify-local", "--bundle", str(bundle), str(inputs / "set.npz"), "--n", "2000", "--n0", "50",
           "--alpha", "0.01", "--seed", "4", "--out", str(again)])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
     assert strip(read_tsv(again.read_text())) == strip(rows[:4])
@@ -90,7 +90,7 @@ def test_certify_local_writes_cohen_tsv(tmp_path, inputs, capsys):
 
 def test_memory_changes_certificates_in_order(tmp_path, inputs, capsys):
     bundle = linear_bundle(tmp_path / "bundle")
-    code = main(["certify-local", "--model", str(bundle), str(inputs / "set.npz"), "--sigma-search", "ddrs",
+    code = main(["certify-local", "--bundle", str(bundle), str(inputs / "set.npz"), "--sigma-search", "ddrs",
                  "--search-steps", "5", "--n", "2000", "--alpha", "0.01", "--seed", "1",
                  "--out", str(tmp_path / "m.tsv")])
     assert code == 0
@@ -102,11 +102,11 @@ def test_memory_changes_certificates_in_order(tmp_path, inputs, capsys):
 
 def test_two_sided_and_drs_columns(tmp_path, inputs):
     out = tmp_path / "o.tsv"
-    main(["certify-local", "--model", str(linear_bundle(tmp_path / "b")), str(inputs / "one.npy"),
+    main(["certify-local", "--bundle", str(linear_bundle(tmp_path / "b")), str(inputs / "one.npy"),
           "--bound", "two_sided", "--n", "500", "--alpha", "0.01", "--out", str(out)])
     assert {"pA_lower", "pB_upper"} <= set(read_tsv(out.read_text())[0])
     drs = linear_bundle(tmp_path / "drs", kind="drs")
-    main(["certify-local", "--model", str(drs), str(inputs / "one.npy"), "--n", "500", "--alpha", "0.01",
+    main(["certify-local", "--bundle", str(drs), str(inputs / "one.npy"), "--n", "500", "--alpha", "0.01",
           "--out", str(out)])
     row = read_tsv(out.read_text())[0]
     assert row["predict"] == "1" and {"pA_lower_left", "pA_lower_right"} <= set(row)
@@ -114,7 +114,7 @@ def test_two_sided_and_drs_columns(tmp_path, inputs):
 
 def test_adaptive_sampling_writes_the_n_used(tmp_path, inputs, capsys):
     out = tmp_path / "a.tsv"
-    assert main(["certify-local", "--model", str(linear_bundle(tmp_path / "b")), str(inputs / "set.npz"),
+    assert main(["certify-local", "--bundle", str(linear_bundle(tmp_path / "b")), str(inputs / "set.npz"),
                  "--sampling", "adaptive", "--tolerance", "0.1", "--n", "20000", "--seed", "4",
                  "--out", str(out)]) == 0
     rows = read_tsv(out.read_text())
@@ -123,36 +123,36 @@ def test_adaptive_sampling_writes_the_n_used(tmp_path, inputs, capsys):
     assert all(0 <= int(r["n"]) <= 20_000 for r in rows) and int(rows[0]["n"]) < 20_000
     assert 0 < float(rows[0]["radius"]) <= 4 * 0.4
     bundle = str(linear_bundle(tmp_path / "c"))
-    assert main(["certify-local", "--model", bundle, str(inputs / "one.npy"), "--tolerance", "0.1"]) == 2
+    assert main(["certify-local", "--bundle", bundle, str(inputs / "one.npy"), "--tolerance", "0.1"]) == 2
     assert "tolerance applies to sampling 'adaptive' only" in capsys.readouterr().err
-    assert main(["certify-local", "--model", bundle, str(inputs / "one.npy"), "--sampling", "adaptive",
+    assert main(["certify-local", "--bundle", bundle, str(inputs / "one.npy"), "--sampling", "adaptive",
                  "--tolerance", "-1"]) == 2
     assert "tolerance" in capsys.readouterr().err
 
 
 def test_sequential_sampling_stops_at_the_target(tmp_path, inputs, capsys):
     out = tmp_path / "s.tsv"
-    assert main(["certify-local", "--model", str(linear_bundle(tmp_path / "b")), str(inputs / "set.npz"),
+    assert main(["certify-local", "--bundle", str(linear_bundle(tmp_path / "b")), str(inputs / "set.npz"),
                  "--sampling", "sequential", "--target-radius", "0.1", "--n", "20000", "--seed", "4",
                  "--out", str(out)]) == 0
     rows = read_tsv(out.read_text())
     assert list(rows[0])[-2:] == ["seed", "n"]
     assert rows[0]["predict"] == "1" and float(rows[0]["radius"]) >= 0.1 and int(rows[0]["n"]) < 20_000
     bundle = str(linear_bundle(tmp_path / "c"))
-    assert main(["certify-local", "--model", bundle, str(inputs / "one.npy"), "--sampling", "sequential"]) == 2
+    assert main(["certify-local", "--bundle", bundle, str(inputs / "one.npy"), "--sampling", "sequential"]) == 2
     assert "needs target_radius" in capsys.readouterr().err
-    assert main(["certify-local", "--model", bundle, str(inputs / "one.npy"), "--target-radius", "0.1"]) == 2
+    assert main(["certify-local", "--bundle", bundle, str(inputs / "one.npy"), "--target-radius", "0.1"]) == 2
     assert "target_radius applies to sampling 'sequential' only" in capsys.readouterr().err
 
 
 def test_refusals_exit_2_with_a_message(tmp_path, inputs, capsys):
     bundle = str(linear_bundle(tmp_path / "bundle"))
-    assert main(["certify-local", "--model", bundle, str(inputs / "one.npy"), "--n", "5"]) == 2
+    assert main(["certify-local", "--bundle", bundle, str(inputs / "one.npy"), "--n", "5"]) == 2
     assert "n ≥ 10" in capsys.readouterr().err
-    assert main(["certify-local", "--model", bundle, str(inputs / "one.npy"), "--sigma", "3"]) == 2
+    assert main(["certify-local", "--bundle", bundle, str(inputs / "one.npy"), "--sigma", "3"]) == 2
     assert "outside the model's range" in capsys.readouterr().err
     np.save(tmp_path / "big.npy", np.zeros((3, 8, 8), np.float32))
-    assert main(["certify-local", "--model", bundle, str(tmp_path / "big.npy")]) == 2
+    assert main(["certify-local", "--bundle", bundle, str(tmp_path / "big.npy")]) == 2
     assert "shape" in capsys.readouterr().err
 
 

@@ -220,7 +220,7 @@ def run_cli(*argv: str) -> int:
 
 
 def test_evaluate_and_plot_commands(tmp_path, capsys):
-    common = ["--model", "models/digits", "--data", "sklearn-digits", "--limit", "3", "--n0", "50",
+    common = ["--bundle", "models/digits", "--data", "sklearn-digits", "--limit", "3", "--n0", "50",
               "--n", "200", "--alpha", "0.01", "--batch", "250"]
     assert run_cli("evaluate", *common, "--out", str(tmp_path / "fixed")) == 0
     err = capsys.readouterr().err

@@ -23,6 +23,7 @@ from smoothcert.imageio import (
     InputItem,
     check_shape,
     decode_image,
+    decode_image_for,
     decode_npy,
     encode_png,
     from_nested,
@@ -93,31 +94,201 @@ def test_png_rgb_round_trip():
     np.testing.assert_array_equal(out, pixels.transpose(2, 0, 1) / np.float32(255))
 
 
-def test_channel_conversion():
-    rgb = _pil_bytes(_u8((4, 4, 3)), "PNG")
-    grey = _pil_bytes(_u8((4, 4)), "PNG")
-    assert decode_image(rgb, channels=1).shape == (1, 4, 4)
-    three = decode_image(grey, channels=3)
-    assert three.shape == (3, 4, 4)
-    np.testing.assert_array_equal(three[0], three[2])
-    with pytest.raises(ImageError, match="1 or 3 channels"):
-        decode_image(rgb, channels=4)
+def _png(image: Image.Image, **save) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", **save)
+    return out.getvalue()
 
 
-def test_rgba_drops_alpha():
-    pixels = _u8((3, 3, 4))
+def _png_raw(width: int, height: int, depth: int, colour_type: int, rows: np.ndarray) -> bytes:
+    """A PNG written by hand (filter 0 on every row): for layouts PIL cannot save."""
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+            + _png_chunk(b"IEND", b""))
+
+
+def test_channels_are_the_files_own():
+    rgb, grey = _u8((4, 5, 3)), _u8((4, 5))
+    assert decode_image(_pil_bytes(rgb, "PNG")).shape == (3, 4, 5)
+    assert decode_image(_pil_bytes(grey, "PNG")).shape == (1, 4, 5)
+    np.testing.assert_array_equal(decode_image(_pil_bytes(grey, "PNG"), channels=1)[0], grey / np.float32(255))
+
+
+@pytest.mark.parametrize(("pixels", "channels", "match"), [
+    (_u8((4, 5, 3)), 1, r"^the image is RGB 4×5 \(H×W, 3 channels\); expected 1 channel; "),
+    (_u8((4, 5)), 3, r"^the image is greyscale 4×5 \(H×W, 1 channel\); expected 3 channels; "),
+    (_u8((4, 5, 3)), 4, "expected 4 channels"),
+])
+def test_a_channel_mismatch_is_refused_never_converted(pixels, channels, match):
+    # Before: an RGB file for one channel was turned grey, a grey one for three repeated.
+    with pytest.raises(ImageError, match=match):
+        decode_image(_pil_bytes(pixels, "PNG"), channels=channels)
+
+
+@pytest.mark.parametrize(("image", "shape", "message"), [
+    (Image.new("RGB", (32, 32), (10, 20, 30)), (1, 8, 8),
+     "the image is RGB 32×32 (H×W, 3 channels); model 'digits' takes 1×8×8 (C×H×W); "
+     "images are never resized or converted"),
+    (Image.new("RGB", (8, 8), (10, 20, 30)), (1, 8, 8),
+     "the image is RGB 8×8 (H×W, 3 channels); model 'digits' takes 1×8×8 (C×H×W); "
+     "images are never resized or converted"),
+    (Image.new("L", (8, 6), 3), (3, 6, 8),
+     "the image is greyscale 6×8 (H×W, 1 channel); model 'digits' takes 3×6×8 (C×H×W); "
+     "images are never resized or converted"),
+    (Image.new("RGBA", (8, 8), (1, 2, 3, 255)), (1, 8, 8),
+     "the image is opaque RGBA 8×8 (H×W, 3 channels); model 'digits' takes 1×8×8 (C×H×W); "
+     "images are never resized or converted"),
+    (Image.new("P", (8, 8)), (1, 8, 8),
+     "the image is RGB palette 8×8 (H×W, 3 channels); model 'digits' takes 1×8×8 (C×H×W); "
+     "images are never resized or converted"),
+    (Image.new("I;16", (8, 8)), (1, 4, 4),
+     "the image is 16-bit greyscale 8×8 (H×W, 1 channel); model 'digits' takes 1×4×4 (C×H×W); "
+     "images are never resized or converted"),
+])
+def test_decode_image_for_names_the_files_real_mode_and_size(image, shape, message):
+    with pytest.raises(ImageError) as info:
+        decode_image_for(_png(image), shape, model="digits")
+    assert str(info.value) == message
+
+
+def test_decode_image_for_accepts_the_exact_shape():
+    pixels = _u8((6, 8, 3))
+    out = decode_image_for(_pil_bytes(pixels, "PNG"), (3, 6, 8))
+    np.testing.assert_array_equal(out, pixels.transpose(2, 0, 1) / np.float32(255))
+    with pytest.raises(ImageError, match="; the model takes 1×6×8"):
+        decode_image_for(_pil_bytes(pixels, "PNG"), (1, 6, 8))
+
+
+def test_opaque_rgba_drops_alpha_exactly():
+    pixels = _u8((3, 4, 4))
+    pixels[..., 3] = 255
     out = decode_image(_pil_bytes(pixels, "PNG"))
+    assert out.shape == (3, 3, 4)
     np.testing.assert_array_equal(out, pixels[..., :3].transpose(2, 0, 1) / np.float32(255))
 
 
-def test_png_16_bit_grey_is_scaled_not_clipped():
-    values = np.array([[0, 257, 65535], [1000, 30000, 65534]], dtype=np.uint16)
+@pytest.mark.parametrize(("alpha", "count"), [(0, 1), (254, 1), (128, 1)])
+def test_rgba_with_any_transparency_is_refused(alpha, count):
+    pixels = np.full((3, 4, 4), 255, np.uint8)
+    pixels[1, 2, 3] = alpha
+    with pytest.raises(ImageError) as info:
+        decode_image(_pil_bytes(pixels, "PNG"))
+    assert str(info.value) == (
+        f"the image is RGBA 3×4 with {count} transparent or translucent pixel: alpha is refused unless "
+        "every pixel is opaque (flatten the image onto a background first)")
+
+
+def test_grey_with_alpha():
+    pixels = np.stack([_u8((3, 3)), np.full((3, 3), 255, np.uint8)], axis=-1)
+    out = decode_image(_png(Image.fromarray(pixels)))
+    assert out.shape == (1, 3, 3)
+    np.testing.assert_array_equal(out[0], pixels[..., 0] / np.float32(255))
+    pixels[0, 0, 1] = 0
+    with pytest.raises(ImageError, match=r"greyscale\+alpha 3×3 with 1 transparent"):
+        decode_image(_png(Image.fromarray(pixels)))
+
+
+def test_palette_expands_to_rgb_exactly():
+    image = Image.new("P", (3, 2))
+    palette = [0, 0, 0, 255, 0, 0, 10, 20, 30, 7, 7, 7]
+    image.putpalette(palette + [0] * (768 - len(palette)))
+    indices = np.array([[0, 1, 2], [3, 2, 1]], np.uint8)
+    image.putdata(indices.ravel().tolist())
+    out = decode_image(_png(image))
+    colours = np.array(palette, np.uint8).reshape(-1, 3)
+    assert out.shape == (3, 2, 3)
+    np.testing.assert_array_equal(out, colours[indices].transpose(2, 0, 1) / np.float32(255))
+    # All-grey colours are still a colour image: the file says palette RGB, not greyscale.
+    with pytest.raises(ImageError, match="RGB palette 2×3 \\(H×W, 3 channels\\); expected 1 channel"):
+        decode_image(_png(image), channels=1)
+
+
+def test_palette_transparency_follows_the_alpha_rule():
+    image = Image.new("P", (2, 2))
+    image.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    image.putdata([1, 1, 1, 1])
+    # Entry 0 is transparent but no pixel uses it: opaque, three channels.
+    np.testing.assert_array_equal(decode_image(_png(image, transparency=0)), np.ones((3, 2, 2), np.float32))
+    image.putpixel((0, 1), 0)
+    with pytest.raises(ImageError, match="RGB palette 2×2 with 1 transparent or translucent pixel"):
+        decode_image(_png(image, transparency=0))
+
+
+def test_colour_key_transparency_follows_the_alpha_rule():
+    grey = np.array([[1, 2], [3, 4]], np.uint8)
+    np.testing.assert_array_equal(decode_image(_png(Image.fromarray(grey), transparency=9))[0],
+                                  grey / np.float32(255))
+    with pytest.raises(ImageError, match="1 transparent"):
+        decode_image(_png(Image.fromarray(grey), transparency=3))
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 0] = (1, 2, 3)
+    with pytest.raises(ImageError, match="RGB 2×2 with 1 transparent"):
+        decode_image(_png(Image.fromarray(rgb), transparency=(1, 2, 3)))
+
+
+def test_png_16_bit_grey_is_scaled_by_65535_exactly():
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
     image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    decoded = decode_image(_png(image))
+    assert decoded.shape == (1, 256, 256) and decoded.dtype == np.float32
+    exact = values.astype(np.float64) / 65535
+    # The float32 nearest each quotient: within half a float32 spacing of it, no further.
+    error = np.abs(decoded[0].astype(np.float64) - exact)
+    assert (error <= np.spacing(decoded[0]).astype(np.float64) / 2).all()
+    assert decoded[0, 0, 0] == 0.0 and decoded[0, -1, -1] == 1.0
+    # Big-endian samples written by hand read the same.
+    handmade = _png_raw(3, 1, 16, 0, np.array([[0, 257, 65535]], dtype=">u2"))
+    np.testing.assert_array_equal(decode_image(handmade)[0, 0], np.float32([0, 257, 65535]) / np.float32(65535))
+
+
+@pytest.mark.parametrize(("colour_type", "samples", "named"), [
+    (2, 3, "RGB"), (4, 2, r"greyscale\+alpha"), (6, 4, "RGBA"),
+])
+def test_16_bit_colour_or_alpha_pngs_are_refused_not_truncated(colour_type, samples, named):
+    rows = np.full((1, 2 * samples), 4000, dtype=">u2")
+    with pytest.raises(ImageError, match=f"16-bit {named} PNGs are refused"):
+        decode_image(_png_raw(2, 1, 16, colour_type, rows))
+
+
+def test_cmyk_jpeg_is_refused():
     out = io.BytesIO()
-    image.save(out, format="PNG")
-    decoded = decode_image(out.getvalue())
-    assert decoded.shape == (1, 2, 3)
-    np.testing.assert_allclose(decoded[0], values / 65535.0, atol=1e-7)
+    Image.new("CMYK", (4, 4), (1, 2, 3, 4)).save(out, format="JPEG")
+    with pytest.raises(ImageError, match="CMYK images are refused"):
+        decode_image(out.getvalue())
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+@pytest.mark.parametrize(("orientation", "turn"), [
+    (3, lambda a: a[::-1, ::-1]),             # rotated 180°
+    (6, lambda a: np.rot90(a, k=-1)),         # shown turned 90° clockwise
+    (8, lambda a: np.rot90(a, k=1)),          # shown turned 90° anticlockwise
+    (2, lambda a: a[:, ::-1]),                # mirrored
+])
+def test_exif_orientation_is_applied_first_jpeg(orientation, turn):
+    pixels = np.kron(_u8((2, 3, 3), seed=orientation), np.ones((8, 8, 1), np.uint8))  # 16×24 blocks
+    plain = decode_image(_pil_bytes(pixels, "JPEG", quality=100))
+    tagged = _pil_bytes(pixels, "JPEG", quality=100, exif=_exif(orientation))
+    out = decode_image(tagged)
+    # The same JPEG stream decodes to the same pixels; the tag only turns them.
+    np.testing.assert_array_equal(out, np.ascontiguousarray(turn(plain.transpose(1, 2, 0)).transpose(2, 0, 1)))
+    if orientation in (6, 8):
+        assert out.shape == (3, 24, 16)
+        assert decode_image_for(tagged, (3, 24, 16)).shape == (3, 24, 16)
+        with pytest.raises(ImageError, match="the image is RGB 24×16"):
+            decode_image_for(tagged, (3, 16, 24))
+
+
+def test_exif_orientation_is_applied_first_png():
+    grey = _u8((2, 3))
+    out = decode_image(_png(Image.fromarray(grey), exif=_exif(6)))
+    np.testing.assert_array_equal(out[0], np.rot90(grey, k=-1) / np.float32(255))
 
 
 def test_jpeg_round_trip_is_close():
@@ -416,7 +587,7 @@ def test_load_inputs_images_and_arrays(tmp_path):
     rgb = _u8((8, 8, 3))
     (tmp_path / "a.png").write_bytes(_pil_bytes(rgb, "PNG"))
     (tmp_path / "b.JPG").write_bytes(_pil_bytes(rgb, "JPEG"))
-    (tmp_path / "c.jpeg").write_bytes(_pil_bytes(rgb[..., 0], "JPEG"))  # grey → 3 channels
+    (tmp_path / "c.jpeg").write_bytes(_pil_bytes(rgb, "JPEG", quality=90))
     single = np.random.default_rng(5).random((3, 8, 8)).astype(np.float32)
     np.save(tmp_path / "d.npy", single)
     batch = _u8((4, 3, 8, 8))
@@ -442,12 +613,25 @@ def test_load_inputs_grey_batches(tmp_path):
     np.save(tmp_path / "hw.npy", np.zeros((8, 8), np.float32))
     np.save(tmp_path / "nhw.npy", np.zeros((5, 8, 8), np.float32))
     np.save(tmp_path / "n1hw.npy", np.zeros((2, 1, 8, 8), np.float32))
-    (tmp_path / "rgb.png").write_bytes(_pil_bytes(_u8((8, 8, 3)), "PNG"))  # rgb → grey
+    (tmp_path / "grey.png").write_bytes(_pil_bytes(_u8((8, 8)), "PNG"))
     items = load_inputs(
-        [tmp_path / n for n in ("hw.npy", "nhw.npy", "n1hw.npy", "rgb.png")], (1, 8, 8)
+        [tmp_path / n for n in ("hw.npy", "nhw.npy", "n1hw.npy", "grey.png")], (1, 8, 8)
     )
     assert len(items) == 1 + 5 + 2 + 1
     assert all(i.array.shape == (1, 8, 8) for i in items)
+
+
+def test_load_inputs_refuses_a_channel_mismatch_as_the_api_does(tmp_path):
+    # The old rule turned an RGB file grey for a one-channel model, and a grey one RGB.
+    (tmp_path / "rgb.png").write_bytes(_pil_bytes(_u8((8, 8, 3)), "PNG"))
+    with pytest.raises(ImageError) as info:
+        load_inputs([tmp_path / "rgb.png"], (1, 8, 8), model="digits")
+    assert str(info.value) == (
+        f"{tmp_path / 'rgb.png'}: the image is RGB 8×8 (H×W, 3 channels); model 'digits' takes 1×8×8 "
+        "(C×H×W); images are never resized or converted")
+    (tmp_path / "grey.jpg").write_bytes(_pil_bytes(_u8((8, 8)), "JPEG"))
+    with pytest.raises(ImageError, match="grey.jpg: the image is greyscale 8×8 .*; the model takes 3×8×8"):
+        load_inputs([tmp_path / "grey.jpg"], (3, 8, 8))
 
 
 def test_load_inputs_npz_with_and_without_labels(tmp_path):
@@ -488,7 +672,7 @@ def test_load_inputs_refusals(tmp_path):
     with pytest.raises(ImageError, match="cannot read"):
         load_inputs([tmp_path / "missing.png"], (1, 4, 4))
     (tmp_path / "big.png").write_bytes(_pil_bytes(_u8((8, 8)), "PNG"))
-    with pytest.raises(ImageError, match=r"big.png: image has shape \(1, 8, 8\)"):
+    with pytest.raises(ImageError, match=r"big.png: the image is greyscale 8×8 \(H×W, 1 channel\); the model"):
         load_inputs([tmp_path / "big.png"], (1, 4, 4))
     (tmp_path / "trunc.npz").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(ImageError, match="corrupt .npz"):
@@ -503,5 +687,5 @@ def test_load_inputs_refusals(tmp_path):
     with pytest.raises(ImageError, match="model takes"):
         load_inputs([tmp_path / "four.npy"], (3, 4, 4))
     (tmp_path / "rgb.png").write_bytes(_pil_bytes(_u8((4, 4, 3)), "PNG"))
-    with pytest.raises(ImageError, match="3 channels, the model 4"):
+    with pytest.raises(ImageError, match="RGB 4×4 \\(H×W, 3 channels\\); the model takes 4×4×4"):
         load_inputs([tmp_path / "rgb.png"], (4, 4, 4))
