@@ -339,6 +339,10 @@ class BaseClient:
         return Op({"method": "GET", "url": f"/v1/models/{quote(name, safe='')}/memory"},
                   lambda r: ModelMemory.from_json(json_body(r)), retry=True)
 
+    def _reset_model_memory_op(self, name: str) -> Op[ModelMemory]:
+        return Op({"method": "DELETE", "url": f"/v1/models/{quote(name, safe='')}/memory"},
+                  lambda r: ModelMemory.from_json(json_body(r)))
+
     def _upload_model_op(self, bundle: BundleInput) -> Op[ModelInfo]:
         filename, data = bundle_zip(bundle)
         files = {"bundle": (filename, data, "application/zip")}

@@ -125,6 +125,10 @@ class Client(BaseClient):
         """The size and entries of a model's certificate memory."""
         return self._run(self._model_memory_op(name))
 
+    def reset_model_memory(self, name: str) -> ModelMemory:
+        """Drop every entry of every memory of the model and the keys' commit counts (admin key)."""
+        return self._run(self._reset_model_memory_op(name))
+
     def upload_model(self, bundle: BundleInput) -> ModelInfo:
         """Register a bundle: a directory (zipped in memory), a .zip path, or zip bytes."""
         return self._run(self._upload_model_op(bundle))
@@ -212,6 +216,10 @@ class AsyncClient(BaseClient):
     async def model_memory(self, name: str) -> ModelMemory:
         """See `Client.model_memory`."""
         return await self._run(self._model_memory_op(name))
+
+    async def reset_model_memory(self, name: str) -> ModelMemory:
+        """See `Client.reset_model_memory`."""
+        return await self._run(self._reset_model_memory_op(name))
 
     async def upload_model(self, bundle: BundleInput) -> ModelInfo:
         """See `Client.upload_model`."""
