@@ -87,6 +87,22 @@ def _remote_rules(p: CertificationParams, spec: ModelSpec) -> None:
         raise InvalidRequest(f"numeric_mode: model {spec.name!r} runs in its own server's arithmetic; use fp32")
 
 
+def _selector_rules(p: CertificationParams | PredictOptions, spec: ModelSpec) -> None:
+    """A σ selector (docs/algorithms.md §6) chooses σ for each input itself, with a certified
+    choice, and needs no memory: σ, a σ search or the memory would each change what is
+    certified, so each is refused, saying why."""
+    what = f"model {spec.name!r} is a sigma selector"
+    if p.sigma is not None:
+        raise InvalidRequest(f"sigma: {what}: it chooses sigma for each input itself "
+                             f"(among {list(spec.selector.sigmas)}); omit sigma")
+    if getattr(p, "sigma_search", None) is not None:
+        raise InvalidRequest(f"sigma_search: {what}: its estimator chooses sigma for each input with a certified "
+                             "choice, no search; omit sigma_search")
+    if getattr(p, "memory", None):
+        raise InvalidRequest(f"memory: {what}: its per-input sigma is sound without a memory, and its answers never "
+                             "depend on earlier ones; set memory false or omit it")
+
+
 def _shared_memory_rules(p: CertificationParams, settings: Settings) -> None:
     """The shared memory takes only what cannot weaken another caller's answers."""
     if p.alpha not in settings.memory_alphas:
@@ -134,6 +150,9 @@ def certification(p: CertificationParams, spec: ModelSpec, settings: Settings, *
         raise InvalidRequest("sigma_search: not available for DRS models; give a fixed sigma")
     if spec.kind == "remote":
         _remote_rules(p, spec)
+    selector = spec.kind == "selector"
+    if selector:
+        _selector_rules(p, spec)
     try:
         check_certify(p.n0, p.n, p.alpha, p.batch_size, bound, worst_tail(spec))
         tolerance = check_sampling(p.sampling, p.tolerance)
@@ -144,10 +163,10 @@ def certification(p: CertificationParams, spec: ModelSpec, settings: Settings, *
             if resolved.init is not None:
                 check_sigma(resolved.init, spec.sigma.min, spec.sigma.max)
             search = dataclasses.asdict(resolved)
-        sigma = None if search is not None else _sigma(p.sigma, spec)
+        sigma = None if search is not None or selector else _sigma(p.sigma, spec)
     except InvalidParameters as exc:
         raise InvalidRequest(str(exc)) from None
-    memory = p.memory if p.memory is not None else search is not None
+    memory = bool(p.memory) if p.memory is not None else search is not None
     if memory and shared_memory:
         _shared_memory_rules(p, settings)
     seed, source = _seed(p.seed)
@@ -172,12 +191,14 @@ def prediction(p: PredictOptions, spec: ModelSpec, settings: Settings) -> dict[s
         raise InvalidRequest(f"model {spec.name!r} is a DRS model: it certifies, it does not predict")
     if spec.kind == "remote" and _mode(p.numeric_mode) != "fp32":
         raise InvalidRequest(f"numeric_mode: model {spec.name!r} runs in its own server's arithmetic; use fp32")
+    if spec.kind == "selector":
+        _selector_rules(p, spec)
     _limit("n", p.n, settings.max_n, "max_n")
     _limit("batch_size", p.batch_size, settings.max_batch_size, "max_batch_size")
     _alpha(p.alpha, settings)
     try:
         check_predict(p.n, p.alpha, p.batch_size)
-        sigma = _sigma(p.sigma, spec)
+        sigma = None if spec.kind == "selector" else _sigma(p.sigma, spec)
     except InvalidParameters as exc:
         raise InvalidRequest(str(exc)) from None
     seed, source = _seed(p.seed)

@@ -32,6 +32,7 @@ _CHUNK = 2**20
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, OSError, EOFError,
                UnicodeDecodeError, NotImplementedError)
 NETWORK_FILES = ("model.pt2", "weights.pt", "left.pt2", "right.pt2", "left.pt", "right.pt")
+_SELECTOR_FILE = re.compile(r"(?:estimator|expert\d*)\.pt2?")
 
 
 def read_bundle_files(
@@ -187,24 +188,31 @@ def torchscript_error(fname: str) -> BundleError:
                        "model.pt2, or use smoothcert.bundle.save_bundle(..., fmt='pt2')")
 
 
-def network_names(kind: str, fmt: str) -> list[str]:
-    """The network file names of a `kind` bundle saved as `fmt` ("pt2" or "state_dict")."""
-    roles = ["model"] if kind == "standard" else ["left", "right"]
+def network_names(roles: list[str], fmt: str) -> list[str]:
+    """The file names of networks in `roles` (ModelSpec.roles) saved as `fmt` ("pt2" or
+    "state_dict"): `<role>.pt2`, or `<role>.pt` (a standard model's state dict: weights.pt)."""
     if fmt == "pt2":
         return [f"{r}.pt2" for r in roles]
-    return ["weights.pt"] if kind == "standard" else ["left.pt", "right.pt"]
+    return ["weights.pt" if r == "model" else f"{r}.pt" for r in roles]
+
+
+def is_network_file(name: str) -> bool:
+    """Whether `name` is a network file of some bundle kind (a stray one makes a bundle ambiguous)."""
+    return name in NETWORK_FILES or bool(_SELECTOR_FILE.fullmatch(name))
 
 
 def network_files(spec: ModelSpec, files: Mapping[str, bytes]) -> list[str]:
     if spec.kind == "remote":  # the network is served elsewhere: model.json is the whole bundle
-        if stray := [n for n in network_names("standard", "pt2") + network_names("standard", "state_dict")
-                     + network_names("drs", "pt2") + network_names("drs", "state_dict") if n in files]:
+        if stray := sorted(n for n in files if is_network_file(n)):
             raise BundleError(f"a remote bundle holds no network file, found {stray}")
         return []
-    pt2, sd = network_names(spec.kind, "pt2"), network_names(spec.kind, "state_dict")
+    pt2, sd = network_names(spec.roles, "pt2"), network_names(spec.roles, "state_dict")
     wanted, other = (sd, pt2) if spec.architecture is not None else (pt2, sd)
     has_wanted, has_other = all(n in files for n in wanted), [n for n in other if n in files]
     if has_wanted and not has_other:
+        if stray := sorted(n for n in files if is_network_file(n) and n not in wanted):
+            raise BundleError(f"bundle holds {', '.join(stray)}, which a {spec.kind} bundle with these "
+                              f"networks ({', '.join(wanted)}) does not use: remove them")
         return wanted
     if has_wanted:
         raise BundleError(f"bundle holds both {wanted} and {has_other}: keep one network form")

@@ -3,7 +3,9 @@
 Format (docs/bundles.md): `model.json` and either `model.pt2` (a
 `torch.export` program with a dynamic batch dimension) or `"architecture"` plus `weights.pt`
 (a state dict); `kind: "drs"` bundles hold `left.*` and `right.*`, each taking a half-image
-`[C, H, W/2]`; `kind: "remote"` bundles are model.json alone, naming a model served over the
+`[C, H, W/2]`; `kind: "selector"` bundles hold `estimator.*` (logits over the levels) and
+`expert.*` (one classifier for every level) or `expert0.*`, `expert1.*`, … (one per level);
+`kind: "remote"` bundles are model.json alone, naming a model served over the
 Open Inference Protocol v2 (smoothcert.remote). Guarantees of `load_bundle`:
 
 - nothing from the bundle is unpickled beyond tensors: state dicts go through
@@ -36,9 +38,9 @@ from torch import nn
 
 from smoothcert.architectures import Normalize, build_architecture
 from smoothcert.archive import (
-    NETWORK_FILES,
     bundle_digest,
     inspect_bundle,
+    is_network_file,
     is_torchscript,
     network_names,
     read_bundle_files,
@@ -56,17 +58,22 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded bundle: `classifier` (standard) or `left`/`right` (drs), in eval mode."""
+    """A loaded bundle: `classifier` (standard), `left`/`right` (drs) or `estimator` and
+    `experts` (selector: one, or one per level), in eval mode."""
 
     spec: ModelSpec
     digest: str
     classifier: nn.Module | None = None
     left: nn.Module | None = None
     right: nn.Module | None = None
+    estimator: nn.Module | None = None
+    experts: tuple[nn.Module, ...] | None = None
 
     @property
     def networks(self) -> tuple[nn.Module, ...]:
-        """(classifier,) or (left, right)."""
+        """The networks in `spec.roles` order: (classifier,), (left, right) or (estimator, *experts)."""
+        if self.spec.kind == "selector":
+            return (self.estimator, *self.experts)
         return (self.left, self.right) if self.spec.kind == "drs" else (self.classifier,)
 
     @property
@@ -82,8 +89,13 @@ class Bundle:
         nothing to move (its answers come back on the input's device)."""
         if self.spec.kind == "remote":
             return self
-        moved = {k: _frozen(copy.deepcopy(m).to(device)) for k in ("classifier", "left", "right")
+        def move(m: nn.Module) -> nn.Module:
+            return _frozen(copy.deepcopy(m).to(device))
+
+        moved = {k: move(m) for k in ("classifier", "left", "right", "estimator")
                  if (m := getattr(self, k)) is not None}
+        if self.experts is not None:
+            moved["experts"] = tuple(move(m) for m in self.experts)
         return dataclasses.replace(self, **moved)
 
 
@@ -127,7 +139,7 @@ def _load_pt2(data: bytes, fname: str, device: torch.device) -> nn.Module:
     return _ExportedNetwork(ep.module())
 
 
-def _load_state_dict(spec: ModelSpec, data: bytes, fname: str) -> nn.Module:
+def _load_state_dict(spec: ModelSpec, data: bytes, fname: str, outputs: int) -> nn.Module:
     if is_torchscript(data):
         raise torchscript_error(fname)
     try:
@@ -147,8 +159,7 @@ def _load_state_dict(spec: ModelSpec, data: bytes, fname: str) -> nn.Module:
             if isinstance(state, Mapping) and "state_dict" in state else ""
         raise BundleError(f"{fname} must be a state dict mapping names to tensors{hint}")
     try:
-        net = build_architecture(spec.architecture, spec.network_shape, spec.num_classes,
-                                 **spec.architecture_args)
+        net = build_architecture(spec.architecture, spec.network_shape, outputs, **spec.architecture_args)
     except Exception as e:
         raise BundleError(f"model.json: architecture {spec.architecture!r} cannot be built for "
                           f"input {list(spec.network_shape)} ({e})") from None
@@ -167,10 +178,12 @@ def _frozen(net: nn.Module) -> nn.Module:
 
 
 def _check_network(net: nn.Module, spec: ModelSpec, what: str, device: torch.device,
-                   thorough: bool = True) -> None:
-    """Finite logits of shape [2, K]; if thorough, also per image: an image's logits must not
-    depend on its batch-mates or change between calls (Monte Carlo samples must be i.i.d.)."""
-    shape, k = spec.network_shape, spec.num_classes
+                   thorough: bool = True, outputs: int | None = None) -> None:
+    """Finite logits of shape [2, K] (K: `outputs`, default num_classes); if thorough, also
+    per image: an image's logits must not depend on its batch-mates or change between calls
+    (Monte Carlo samples must be i.i.d.)."""
+    shape, k = spec.network_shape, outputs or spec.num_classes
+    count = "levels" if outputs is not None and outputs != spec.num_classes else "num_classes"
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     try:
         with torch.no_grad():
@@ -178,7 +191,7 @@ def _check_network(net: nn.Module, spec: ModelSpec, what: str, device: torch.dev
             if not isinstance(zero, torch.Tensor) or tuple(zero.shape) != (2, k):
                 got = list(zero.shape) if isinstance(zero, torch.Tensor) else type(zero).__name__
                 raise BundleError(f"{what} maps a batch {[2, *shape]} to {got}, "
-                                  f"not logits [2, {k}] (num_classes)")
+                                  f"not logits [2, {k}] ({count})")
             if thorough:
                 pair, first, again = net(x), net(x[:1]), net(x)
     except BundleError:
@@ -208,18 +221,21 @@ def load_bundle(source: str | os.PathLike | bytes, *, device: str | torch.device
     if spec.kind == "remote":
         return Bundle(spec=spec, digest=digest, classifier=RemoteClassifier(spec, remote or RemoteOptions()))
     nets = []
-    for name in names:
+    for name, role in zip(names, spec.roles, strict=True):
+        outputs = spec.outputs(role)
         if spec.architecture is None:
             net = _load_pt2(files[name], name, device)
         else:
-            net = _load_state_dict(spec, files[name], name)
+            net = _load_state_dict(spec, files[name], name, outputs)
         if spec.normalize is not None:  # noise is added in pixel space, before normalising
             net = nn.Sequential(Normalize(*spec.normalize), net)
         net = _frozen(net.to(device))
-        _check_network(net, spec, name, device)
+        _check_network(net, spec, name, device, outputs=outputs)
         nets.append(net)
     if spec.kind == "drs":
         return Bundle(spec=spec, digest=digest, left=nets[0], right=nets[1])
+    if spec.kind == "selector":
+        return Bundle(spec=spec, digest=digest, estimator=nets[0], experts=tuple(nets[1:]))
     return Bundle(spec=spec, digest=digest, classifier=nets[0])
 
 
@@ -227,17 +243,18 @@ def load_bundle(source: str | os.PathLike | bytes, *, device: str | torch.device
 
 
 def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec | Mapping,
-                networks: nn.Module | tuple[nn.Module, nn.Module], *, fmt: str = "pt2") -> str:
+                networks: nn.Module | tuple[nn.Module, ...], *, fmt: str = "pt2") -> str:
     """Write a bundle to `out_dir` (replacing any bundle files there); returns its digest.
 
     `spec`: a `ModelSpec`, or the model.json object as a dict (validated by
-    `ModelSpec.from_json`, so its errors name the field). `networks`: one module (standard)
-    or (left, right) (drs), each expecting normalised input of `spec.network_shape`; they are
-    copied to the CPU and not modified. fmt="pt2" exports with a dynamic batch dimension (and
-    writes no 'architecture'); fmt="state_dict" needs `spec.architecture` and checks the
-    weights fit it. Anything else (another type of spec or network, a remote spec, a network
-    that does not map a batch to [B, num_classes] logits) raises BundleError before a file
-    is written.
+    `ModelSpec.from_json`, so its errors name the field). `networks`: one module (standard),
+    (left, right) (drs) or (estimator, expert) / (estimator, expert0, expert1, …) (selector,
+    in `spec.roles` order; the estimator gives one logit per level), each expecting normalised
+    input of `spec.network_shape`; they are copied to the CPU and not modified. fmt="pt2"
+    exports with a dynamic batch dimension (and writes no 'architecture'); fmt="state_dict"
+    needs `spec.architecture` and checks the weights fit it. Anything else (another type of
+    spec or network, a remote spec, a network that does not map a batch to its logits) raises
+    BundleError before a file is written.
     """
     if fmt not in ("pt2", "state_dict"):
         raise BundleError(f"fmt must be 'pt2' or 'state_dict', got {fmt!r}")
@@ -249,7 +266,9 @@ def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec | Mapping,
     if spec.kind == "remote":
         raise BundleError("a remote bundle has no network: it is model.json alone "
                           "(json.dumps(spec.to_json()) into model.json)")
-    wanted = "one nn.Module" if spec.kind == "standard" else "a (left, right) pair of nn.Modules"
+    roles = spec.roles
+    wanted = ("one nn.Module" if spec.kind == "standard"
+              else f"nn.Modules for ({', '.join(roles)})")
     if isinstance(networks, nn.Module):
         nets: tuple = (networks,)
     elif isinstance(networks, (tuple, list)):
@@ -257,7 +276,7 @@ def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec | Mapping,
     else:
         hint = " (a state dict? pass the module itself)" if isinstance(networks, Mapping) else ""
         raise BundleError(f"a {spec.kind} bundle needs {wanted}, got {type(networks).__name__}{hint}")
-    if len(nets) != (1 if spec.kind == "standard" else 2) or not all(isinstance(n, nn.Module) for n in nets):
+    if len(nets) != len(roles) or not all(isinstance(n, nn.Module) for n in nets):
         got = ", ".join(type(n).__name__ for n in nets) or "nothing"
         raise BundleError(f"a {spec.kind} bundle needs {wanted}, got ({got})")
     if fmt == "state_dict" and spec.architecture is None:
@@ -266,9 +285,10 @@ def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec | Mapping,
         spec = dataclasses.replace(spec, architecture=None, architecture_args={})
     shape = spec.network_shape
     files: dict[str, bytes] = {}
-    for name, net in zip(network_names(spec.kind, fmt), nets, strict=True):
+    for name, role, net in zip(network_names(roles, fmt), roles, nets, strict=True):
+        outputs = spec.outputs(role)
         net = copy.deepcopy(net).cpu().eval()
-        _check_network(net, spec, name, torch.device("cpu"), thorough=False)  # load checks all
+        _check_network(net, spec, name, torch.device("cpu"), thorough=False, outputs=outputs)  # load checks all
         buf = io.BytesIO()
         if fmt == "pt2":
             try:
@@ -282,7 +302,7 @@ def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec | Mapping,
         else:
             state = {k: v.detach().clone() for k, v in net.state_dict().items()}
             try:
-                build_architecture(spec.architecture, shape, spec.num_classes,
+                build_architecture(spec.architecture, shape, outputs,
                                    **spec.architecture_args).load_state_dict(state, strict=True)
             except Exception as e:
                 raise BundleError(f"{name}: the network does not fit architecture "
@@ -291,8 +311,8 @@ def save_bundle(out_dir: str | os.PathLike, spec: ModelSpec | Mapping,
         files[name] = buf.getvalue()
     files["model.json"] = (json.dumps(spec.to_json(), indent=2) + "\n").encode("utf-8")
     os.makedirs(out_dir, exist_ok=True)
-    for stale in set(NETWORK_FILES) - set(files):  # another form would make the bundle ambiguous
-        if os.path.isfile(path := os.path.join(out_dir, stale)):
+    for stale in os.listdir(out_dir):  # another form or kind would make the bundle ambiguous
+        if is_network_file(stale) and stale not in files and os.path.isfile(path := os.path.join(out_dir, stale)):
             os.remove(path)
     for name, data in files.items():  # write-then-rename: a reader never sees half a file
         tmp = os.path.join(out_dir, f".{name}.tmp")

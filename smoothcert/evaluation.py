@@ -19,7 +19,7 @@ Progress notes print each radius rounded down too, never up. `summary.json` (sch
     schema            "smoothcert.evaluation/1"
     parameters        {model: {name, digest, kind, numeric_mode},
                        data: {source, split, size},
-                       method: "fixed" | "ddrs" | "insta",
+                       method: "fixed" | "ddrs" | "insta" | "selector",
                        sigma: float | null            (fixed σ; null with a search),
                        sigma_search: {method, steps, lr, samples, init} | null,
                        bound, n0, n, alpha, batch_size, seed, memory: bool,
@@ -184,8 +184,9 @@ def evaluate(
         "model": {"name": spec.name, "digest": certifier.bundle.digest, "kind": spec.kind,
                   "numeric_mode": certifier.numeric_mode},
         "data": {"source": dataset.source, "split": dataset.split, "size": len(dataset)},
-        "method": search.method if search is not None else "fixed",
-        "sigma": None if search is not None else float(spec.sigma.default if sigma is None else sigma),
+        "method": search.method if search is not None else "selector" if spec.kind == "selector" else "fixed",
+        "sigma": (None if search is not None or spec.kind == "selector"  # a selector chooses σ per input
+                  else float(spec.sigma.default if sigma is None else sigma)),
         "sigma_search": dataclasses.asdict(search) if search is not None else None,
         "bound": bound, "n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size, "seed": seed,
         "memory": memory, "every": every, "limit": limit, "device": str(certifier.device),

@@ -1,12 +1,16 @@
 """What a certificate promises, in words: the `guarantee` a result carries beside its numbers
 (docs/guarantees.md says the same at length).
 
-Three scopes:
+Four scopes:
 - "smoothed": a fixed σ without the memory. With probability ≥ 1 − α over this run's noise
   the classifier smoothed at σ predicts the class on the whole ball.
 - "per_sigma": a σ searched for this input, without the memory. The same statement about
   the classifier smoothed at *this* σ only: it says nothing about the service's classifier
   with per-input σ at other inputs, and two such certificates may contradict each other.
+- "selector": a σ selector's answer (smoothcert.selector). With probability ≥ 1 − α over the
+  job's noise (α/2 for the estimator's choice of σ, α/2 for the class at that σ) the selector
+  (the classifier smoothed at the σ its smoothed estimator chooses, input by input) predicts
+  the class on the whole ball. It needs no memory: the function never changes.
 - "memory": an answer of the memory-enhanced classifier. It follows from one committed
   entry (the root, whose own sampling produced the ball) and is wrong only if that entry
   is; each entry is wrong with probability ≤ α, all of them hold at once with probability
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from smoothcert.results import Certificate
 
-SCOPES = ("smoothed", "per_sigma", "memory")
+SCOPES = ("smoothed", "per_sigma", "selector", "memory")
 
 
 def scope(cert: Certificate, *, memory: bool) -> str:
@@ -28,6 +32,8 @@ def scope(cert: Certificate, *, memory: bool) -> str:
     searched σ, else "smoothed"."""
     if memory and cert.memory is not None:
         return "memory"
+    if cert.selector is not None:
+        return "selector"
     return "per_sigma" if cert.search is not None else "smoothed"
 
 
@@ -54,6 +60,14 @@ def guarantee(cert: Certificate, *, memory: bool, seed_source: str | None = None
                 f"probability at most α. Each entry can be wrong with probability α, all entries hold at "
                 f"once with probability at least 1 − α·(entries), and a query chosen after probing the "
                 f"memory can aim at the wrong ones.")
+        elif where == "selector":
+            sel = cert.selector
+            claim = (
+                f"With probability at least {level} over this job's noise, the σ selector predicts {ball}: its "
+                f"estimator, smoothed at σ_e = {sel.sigma_e!r}, chooses σ = {cert.sigma!r} everywhere within "
+                f"{sel.radius_sigma!r} (bound at α/2 = {sel.alpha_sigma!r}), and the classifier smoothed at that σ "
+                f"predicts the class within {sel.radius_class!r} (bound at α/2 = {sel.alpha_class!r}); the radius "
+                f"is the smaller. The selector needs no memory: its answers never depend on earlier ones.")
         elif where == "per_sigma":
             claim = (
                 f"With probability at least {level} over this job's noise, the classifier smoothed with "

@@ -15,7 +15,10 @@ from typing import Any
 
 MAX_INPUT_ELEMENTS = 2**24  # C·H·W; bounds the probe batches a model.json can make us allocate
 MAX_CLASSES = 100_000  # bounds the default label list a model.json can make us build
-KINDS = ("standard", "drs", "remote")  # remote: a base classifier served over the Open Inference Protocol v2
+# remote: a base classifier served over the Open Inference Protocol v2; selector: a σ
+# estimator choosing among noise levels, and the classifier(s) at those levels
+KINDS = ("standard", "drs", "remote", "selector")
+MAX_LEVELS = 16  # noise levels a σ selector chooses among
 
 
 class BundleError(ValueError):
@@ -131,8 +134,48 @@ class RemoteSpec:
         return out
 
 
+@dataclass(frozen=True)
+class SelectorSpec:
+    """A σ selector's levels (kind "selector"; smoothcert.selector): the estimator, smoothed
+    at `sigma_e`, picks one of `sigmas`; `experts` is "shared" (one classifier for every
+    level: expert.*) or "per_sigma" (one per level, in order: expert0.*, expert1.*, …)."""
+
+    sigmas: tuple[float, ...]
+    sigma_e: float
+    experts: str = "shared"
+
+    def __post_init__(self) -> None:
+        levels = self.sigmas
+        if isinstance(levels, (str, bytes)) or not isinstance(levels, (list, tuple)):
+            raise _bad("selector.sigmas", f"must be a list of noise levels, got {levels!r}")
+        levels = tuple(_number(v, "selector.sigmas") for v in levels)
+        if not 2 <= len(levels) <= MAX_LEVELS or len(set(levels)) != len(levels) or min(levels) <= 0:
+            raise _bad("selector.sigmas", f"must hold 2 to {MAX_LEVELS} distinct positive levels, got {list(levels)}")
+        object.__setattr__(self, "sigmas", levels)
+        object.__setattr__(self, "sigma_e", _number(self.sigma_e, "selector.sigma_e"))
+        if self.sigma_e <= 0:
+            raise _bad("selector.sigma_e", f"must be positive, got {self.sigma_e}")
+        if self.experts not in ("shared", "per_sigma"):
+            raise _bad("selector.experts", f"must be 'shared' or 'per_sigma', got {self.experts!r}")
+
+    @property
+    def roles(self) -> list[str]:
+        """The selector's network roles: the estimator, then the expert(s)."""
+        if self.experts == "shared":
+            return ["estimator", "expert"]
+        return ["estimator", *(f"expert{i}" for i in range(len(self.sigmas)))]
+
+    @classmethod
+    def from_json(cls, obj: Any) -> SelectorSpec:
+        obj = _keys(obj, "selector", {"sigmas", "sigma_e", "experts"}, {"sigmas", "sigma_e"})
+        return cls(**obj)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sigmas": list(self.sigmas), "sigma_e": self.sigma_e, "experts": self.experts}
+
+
 _SPEC_KEYS = {"name", "kind", "input_shape", "num_classes", "labels", "sigma", "normalize",
-              "architecture", "architecture_args", "remote"}
+              "architecture", "architecture_args", "remote", "selector"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -150,6 +193,7 @@ class ModelSpec:
     architecture: str | None = None
     architecture_args: dict[str, Any] = field(default_factory=dict, hash=False)
     remote: RemoteSpec | None = None  # kind "remote": the served model
+    selector: SelectorSpec | None = None  # kind "selector": the levels and the experts' layout
 
     def __post_init__(self) -> None:
         put = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen)
@@ -160,6 +204,8 @@ class ModelSpec:
             raise _bad("kind", f"must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}")
         if (self.kind == "remote") != (self.remote is not None):
             raise _bad("remote", "is required with kind 'remote' and refused otherwise")
+        if (self.kind == "selector") != (self.selector is not None):
+            raise _bad("selector", "is required with kind 'selector' and refused otherwise")
         if self.kind == "remote" and self.architecture is not None:
             raise _bad("architecture", "is refused with kind 'remote': the network is served elsewhere")
         shape = self.input_shape
@@ -173,6 +219,10 @@ class ModelSpec:
         _integer(self.num_classes, "num_classes", 2, MAX_CLASSES)
         if not isinstance(self.sigma, SigmaRange):
             raise _bad("sigma", "must be a SigmaRange")
+        if self.selector is not None and not all(self.sigma.min <= v <= self.sigma.max
+                                                 for v in self.selector.sigmas):
+            raise _bad("sigma", f"must span the selector's levels {list(self.selector.sigmas)}, "
+                       f"got [{self.sigma.min}, {self.sigma.max}]")
         labels = self.labels
         if labels is None:
             labels = tuple(str(i) for i in range(self.num_classes))
@@ -205,8 +255,14 @@ class ModelSpec:
     @classmethod
     def from_json(cls, obj: Any) -> ModelSpec:
         """Parse model.json's object; any problem is a BundleError naming the field."""
-        obj = _keys(obj, "model.json", _SPEC_KEYS, {"name", "input_shape", "num_classes", "sigma"})
-        sigma = _keys(obj["sigma"], "sigma", {"default", "min", "max"}, {"default"})
+        obj = _keys(obj, "model.json", _SPEC_KEYS, {"name", "input_shape", "num_classes"})
+        selector = SelectorSpec.from_json(obj["selector"]) if obj.get("selector") is not None else None
+        if "sigma" not in obj and selector is None:
+            raise _bad("model.json", "lacks required key(s) ['sigma']")
+        # A selector's σ range, when not given, is its levels' (the first is the default).
+        sigma = obj.get("sigma") or {"default": selector.sigmas[0], "min": min(selector.sigmas),
+                                     "max": max(selector.sigmas)}
+        sigma = _keys(sigma, "sigma", {"default", "min", "max"}, {"default"})
         default = _number(sigma["default"], "sigma.default")
         labels = obj.get("labels")
         if labels is not None and not isinstance(labels, list):
@@ -225,6 +281,7 @@ class ModelSpec:
             architecture=obj.get("architecture"),
             architecture_args=obj.get("architecture_args", {}),
             remote=RemoteSpec.from_json(remote) if remote is not None else None,
+            selector=selector,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -241,6 +298,8 @@ class ModelSpec:
             out["architecture_args"] = copy.deepcopy(self.architecture_args)
         if self.remote is not None:
             out["remote"] = self.remote.to_json()
+        if self.selector is not None:
+            out["selector"] = self.selector.to_json()
         return out
 
     @property
@@ -255,3 +314,12 @@ class ModelSpec:
     def network_shape(self) -> tuple[int, int, int]:
         """The per-image shape each network of the bundle takes."""
         return self.half_shape if self.kind == "drs" else self.input_shape
+
+    @property
+    def roles(self) -> list[str]:
+        """The networks of the bundle by role, in file order (none for a remote model)."""
+        return {"standard": ["model"], "drs": ["left", "right"], "remote": []}.get(self.kind) or self.selector.roles
+
+    def outputs(self, role: str) -> int:
+        """How many logits the network in `role` gives: a selector's estimator one per level."""
+        return len(self.selector.sigmas) if role == "estimator" else self.num_classes

@@ -102,6 +102,24 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class SelectorRecord:
+    """Both stages of a σ selector's answer (smoothcert.selector, docs/algorithms.md §9): the
+    estimator's own certificate (or prediction) over the levels, at `alpha_sigma`, and the
+    classifier stage's level, seed and radius, at `alpha_class`; α = alpha_sigma + alpha_class.
+    A certificate's radius is min(radius_sigma, radius_class)."""
+
+    sigmas: tuple[float, ...]  # Σ, the levels the estimator chooses among
+    sigma_e: float  # the estimator's own smoothing level
+    sigma_index: int | None  # the level chosen; None: the estimator abstained
+    radius_sigma: float | None  # R_σ: the chosen level holds within it (None for a prediction)
+    radius_class: float | None  # R_c: the classifier stage's radius (None: it did not certify)
+    alpha_sigma: float
+    alpha_class: float
+    classifier_seed: int | None  # the classifier stage's noise (derived from the run's seed)
+    estimator: Certificate | Prediction  # the estimator stage's own answer, its class an index into sigmas
+
+
+@dataclass(frozen=True)
 class MemoryRecord:
     """What the memory rule (docs/algorithms.md §3.1) did to a fresh certificate, or that the
     memory answered without sampling ("inside" with entry None)."""
@@ -176,6 +194,7 @@ class Certificate(_Answer):
     noise_tail: float = 0.0  # Gaussian mass the noise generator cannot draw, taken off the bounds
     seed_source: str | None = None  # "caller", "drawn" (by the engine) or "server"
     remote: RemoteRecord | None = None  # a remote base classifier: what was certified
+    selector: SelectorRecord | None = None  # a σ selector: both stages (the fields above: the classifier's)
     samples: int = 0  # forward passes spent in all (search + n0 + n)
     seconds: float = 0.0
 
@@ -208,5 +227,6 @@ class Prediction(_Answer):
     numeric_mode: str = DEFAULT_NUMERIC_MODE
     seed_source: str | None = None  # "caller", "drawn" (by the engine) or "server"
     remote: RemoteRecord | None = None  # a remote base classifier: what was asked
+    selector: SelectorRecord | None = None  # a σ selector: both stages
     samples: int = 0
     seconds: float = 0.0

@@ -42,7 +42,7 @@ from smoothcert.evaluation import EvaluationRun, evaluate, write_run
 from smoothcert.guarantees import guarantee
 from smoothcert.memory import MemoryFull
 from smoothcert.remote import RemoteChanged, RemoteError, RemoteUnavailable
-from smoothcert.results import Certificate, Prediction
+from smoothcert.results import Certificate, Prediction, SelectorRecord
 from smoothcert.sampling import Cancelled
 from smoothcert.search import SigmaSearch
 from workers.runtime import LoadedModel, ModelRuntime
@@ -129,6 +129,23 @@ def _present(request: dict, *keys: str) -> dict[str, Any]:
     return {k: request[k] for k in keys if request.get(k) is not None}
 
 
+# The estimator stage's own answer, as a σ selector's result shows it (docs/api.md).
+_ESTIMATOR_FIELDS = ("prediction", "radius", "sigma", "bound", "n0", "n", "alpha", "sampling", "look_alpha",
+                     "n_a", "p_a_lower", "p_b_upper", "runner_up", "noise_sigma", "noise_tail",
+                     "n1", "n2", "p_value", "seed", "samples")
+
+
+def selector_result(record: SelectorRecord | None) -> dict | None:
+    """A σ selector's two stages (smoothcert.selector) as plain data; None for other models."""
+    if record is None:
+        return None
+    out = dataclasses.asdict(record)
+    estimator = out.pop("estimator")
+    out["sigmas"] = list(record.sigmas)
+    out["estimator"] = {k: estimator[k] for k in _ESTIMATOR_FIELDS if k in estimator}
+    return out
+
+
 def _label(model: LoadedModel, prediction: int | None) -> str | None:
     return None if prediction is None else model.certifier.spec.labels[prediction]
 
@@ -168,6 +185,7 @@ def certification_result(cert: Certificate, job: JobRecord, model: LoadedModel, 
         "noise_sigma": cert.noise_sigma, "noise_tail": cert.noise_tail,
         "remote": dataclasses.asdict(cert.remote) if cert.remote else None,
         "search": dataclasses.asdict(cert.search) if cert.search else None,
+        "selector": selector_result(cert.selector),
         "samples": cert.samples, "seconds": cert.seconds,
     }
 
@@ -181,6 +199,7 @@ def prediction_result(pred: Prediction, job: JobRecord, model: LoadedModel) -> d
         "model": {"name": job.model, "digest": pred.model_digest or job.digest},
         "numeric_mode": pred.numeric_mode, "batch_size": pred.batch_size,
         "remote": dataclasses.asdict(pred.remote) if pred.remote else None,
+        "selector": selector_result(pred.selector),
         "samples": pred.samples, "seconds": pred.seconds,
     }
 

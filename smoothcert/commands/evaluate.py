@@ -41,7 +41,8 @@ def register(commands) -> None:
     which.add_argument("--model", metavar="NAME",
                        help="evaluate this registered model on a server (see `smoothcert models`)")
     e.add_argument("--data", required=True,
-                   help="--bundle: sklearn-digits, an .npz file or an ImageFolder directory; --model: an .npz "
+                   help="--bundle: sklearn-digits, mnist-5k, an .npz file or an ImageFolder directory; "
+                        "--model: an .npz "
                         "(x, y), a zip of class folders, or a directory of class folders (uploaded)")
     e.add_argument("--split", choices=("train", "test"), default="test", help="default: test")
     e.add_argument("--every", type=int, default=1, help="certify examples 0, K, 2K, ... (default 1)")

@@ -1,5 +1,8 @@
 """`smoothcert train`: train a base classifier on a data set's train split and write a bundle.
 
+`--method selector` trains a σ selector's estimator instead, over the classifiers given with
+`--experts` (smoothcert.selector_training), and writes a selector bundle holding both.
+
 The output directory becomes a state-dict model bundle the service accepts as is
 (`model.json` + `weights.pt`, or `left.pt` + `right.pt` for `--method drs`), plus
 `train.json`: the canonical command, every resolved setting, the seed, the data source, the
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHOD_NAMES = ("gaussian", "feng", "ddrs", "insta", "drs")
+METHOD_NAMES = ("gaussian", "feng", "ddrs", "insta", "drs", "selector")
 # CLI flag -> MethodOptions field (None on the command line: the method's default).
 OPTION_FLAGS = ("sigma_min", "sigma_max", "k", "lam", "ddrs_steps", "ddrs_lr", "ddrs_samples",
                 "ddrs_loss", "macer_beta", "macer_gamma", "stage1_epochs", "insta_every",
@@ -40,13 +43,14 @@ def register(commands) -> None:
         description="Train a base classifier for randomized smoothing on the train split of "
                     "DATA and write a state-dict model bundle (plus train.json) to --out.")
     c.add_argument("--method", choices=METHOD_NAMES, default="gaussian", help="default: gaussian")
-    c.add_argument("--arch", help="digits_cnn, linear, cifar_resnet20/110, torchvision:<name> "
+    c.add_argument("--arch", help="digits_cnn, mnist_cnn, linear, cifar_resnet20/110, torchvision:<name> "
                                   "(default with --init: the bundle's)")
-    c.add_argument("--data", required=True, help="sklearn-digits, an .npz or an ImageFolder directory")
+    c.add_argument("--data", required=True, help="sklearn-digits, mnist-5k, an .npz or an ImageFolder directory")
     c.add_argument("--data-seed", type=int, default=0,
-                   help="split seed of sklearn-digits (default 0; evaluate with the same one)")
+                   help="split seed of sklearn-digits and mnist-5k (default 0; evaluate with the same one)")
     c.add_argument("--limit", type=int, help="train on the first N training images only")
-    c.add_argument("--sigma", type=float, required=True, help="training noise level (pixel units)")
+    c.add_argument("--sigma", type=float, required=True,
+                   help="training noise level (pixel units); selector: σ_e, the estimator's")
     c.add_argument("--epochs", type=int, required=True)
     c.add_argument("--out", required=True, help="bundle directory to write")
     c.add_argument("--name", help="model name (default: the --out directory's name)")
@@ -76,6 +80,17 @@ def register(commands) -> None:
     c.add_argument("--insta-samples", type=int, help="insta: noisy votes per σ scored (default 32)")
     c.add_argument("--init", help="a standard bundle whose weights start the training (drs: "
                                   "both halves, when its architecture takes the half shape)")
+    s = c.add_argument_group("selector (--method selector)")
+    s.add_argument("--experts", nargs="+", metavar="BUNDLE",
+                   help="the classifiers of the levels: one bundle for every level, or one per level in --sigmas order")
+    s.add_argument("--sigmas", nargs="+", type=float, metavar="SIGMA", help="the levels Σ the estimator chooses among")
+    s.add_argument("--label-samples", type=int, default=100, help="noisy copies per image and level for the "
+                   "radius estimates behind the soft labels (default 100)")
+    s.add_argument("--temperature", type=float, default=0.1, help="of the softmax over estimated radii, in "
+                   "pixel units (default 0.1)")
+    s.add_argument("--copies", type=int, default=4, help="noisy copies per image in each step (default 4)")
+    s.add_argument("--consistency", type=float, default=1.0, help="weight of the consistency term (default 1)")
+    s.add_argument("--no-reweight", action="store_true", help="do not reweight images by their target level")
     c.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
     c.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     c.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint.pt at the end")
@@ -84,6 +99,10 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and write the bundle; 0 on success, 2 (with a message) for refused input."""
+    if args.method == "selector":
+        from smoothcert.commands.train_selector import train_selector
+
+        return train_selector(args)
     try:
         setup = _setup(args)
     except (ValueError, FileNotFoundError) as e:  # TrainError, BundleError, ImageError, load_data's

@@ -34,6 +34,9 @@ DRS = DIGITS | {"name": "halves", "kind": "drs"}
 REMOTE = {k: v for k, v in DIGITS.items() if k != "architecture"} | {
     "name": "served", "kind": "remote",
     "remote": {"endpoint": "https://triton.internal:8000", "model": "digits", "version": "3"}}
+# A σ selector (docs/bundles.md): an estimator over three levels, one classifier for all.
+SELECTOR = {k: v for k, v in DIGITS.items() if k != "sigma"} | {
+    "name": "chooser", "kind": "selector", "selector": {"sigmas": [0.12, 0.25, 0.5], "sigma_e": 0.5}}
 USER, OTHER, ADMIN = "user-key", "other-key", "admin-key"
 
 
@@ -65,7 +68,7 @@ def digest_of(spec: dict, files: dict[str, bytes]) -> str:
 def register(store: Store, spec: dict = DIGITS, files: dict[str, bytes] | None = None) -> str:
     if files is None:
         files = {"standard": {"weights.pt": b"w"}, "drs": {"left.pt": b"l", "right.pt": b"r"},
-                 "remote": {}}[spec.get("kind", "standard")]
+                 "selector": {"estimator.pt": b"e", "expert.pt": b"x"}, "remote": {}}[spec.get("kind", "standard")]
     digest = digest_of(spec, files)
     store.put_model(spec["name"], digest, spec, bundle_zip(spec, files))
     return digest

@@ -21,6 +21,7 @@ from tests.conftest import free_port
 from tests.service.conftest import (
     PREFIX,
     ROOT,
+    SELECTOR,
     image,
     make_settings,
     npy_b64,
@@ -327,3 +328,30 @@ def test_a_retry_queues_the_job_a_killed_api_stored_but_never_queued(client, sto
     assert broker_messages(redis_client) == [("smoothcert.certify", [job_id])]
     assert submit(client, headers={"Idempotency-Key": "k"}).json()["id"] == job_id  # queued: not again
     assert len(broker_messages(redis_client)) == 1
+
+
+def test_a_sigma_selector_takes_no_sigma_search_or_memory_and_says_why(client, store, redis_client):
+    """A σ selector chooses σ per input with a certified choice and needs no memory: each of
+    sigma, sigma_search and memory is a 422 naming the field and the reason, and nothing is
+    stored or queued; without them the stored request has no σ and the memory off."""
+    register(store, SELECTOR)
+    base = {"model": "chooser", "input": {"tensor": X.tolist()}, "n": 1000}
+    for extra, why in (({"sigma": 0.25}, "chooses sigma for each input itself"),
+                       ({"sigma_search": {"method": "ddrs"}}, "certified choice, no search"),
+                       ({"memory": True}, "sound without a memory")):
+        before = redis_client.dbsize()
+        r = client.post("/v1/certifications", json=base | extra)
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_request" and why in error["message"]
+        assert error["message"].startswith(next(iter(extra))) and "sigma selector" in error["message"]
+        assert redis_client.dbsize() == before
+    r = client.post("/v1/predictions", json={"model": "chooser", "input": {"tensor": X.tolist()}, "sigma": 0.25})
+    assert r.status_code == 422 and "chooses sigma" in r.json()["error"]["message"]
+    r = client.post("/v1/certifications", json=base | {"bound": "two_sided", "memory": False})
+    assert r.status_code == 202, r.text
+    request = store.get_job(r.json()["id"]).request
+    assert (request["sigma"], request["memory"], request["bound"]) == (None, False, "two_sided")
+    assert request["seed_source"] == "server"  # drawn by the service, shown with the result
+    r = client.post("/v1/predictions", json={"model": "chooser", "input": {"tensor": X.tolist()}})
+    assert r.status_code == 202 and store.get_job(r.json()["id"]).request["sigma"] is None

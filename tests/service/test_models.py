@@ -17,6 +17,7 @@ from tests.service.conftest import (
     ADMIN,
     DIGITS,
     DRS,
+    SELECTOR,
     USER,
     WEIGHTS,
     auth,
@@ -170,3 +171,14 @@ def test_a_bundle_another_name_uses_is_kept(store):
     assert store.delete_model("alias").name == "alias"
     assert store.get_bundle(digest) is None and store.list_models() == []
     assert store.delete_model("alias") is None
+
+
+def test_a_selector_bundle_uploads_with_its_levels(keyed, store):
+    files = {"estimator.pt": WEIGHTS, "expert.pt": WEIGHTS}
+    r = upload(keyed, bundle_zip(SELECTOR, files))
+    assert r.status_code == 201, r.text
+    body = keyed.get("/v1/models/chooser", headers=auth(USER)).json()
+    assert body["kind"] == "selector" and body["spec"]["selector"]["sigmas"] == [0.12, 0.25, 0.5]
+    assert body["sigma"] == {"default": 0.12, "min": 0.12, "max": 0.5}  # the levels' range
+    r = upload(keyed, bundle_zip(SELECTOR | {"name": "half"}, {"estimator.pt": WEIGHTS}))
+    assert r.status_code == 422 and "lacks expert.pt" in r.json()["error"]["message"]

@@ -10,6 +10,8 @@ import torch
 from scipy.stats import binom, binomtest, norm
 from torch import nn
 
+from smoothcert import bounds
+
 
 class HalfSpace(nn.Module):
     """Binary linear classifier f(x) = [w·x + b > 0], as logits (−s·z/2, s·z/2) with z the
@@ -110,3 +112,19 @@ def power(variant_rate: float, runs: int, rate: float) -> float:
 
 
 SQRT2 = math.sqrt(2.0)
+
+
+def first_k(n: int, accept) -> int:
+    """The smallest k in 0..n with accept(k) (n + 1 when none): accept must be monotone in k."""
+    lo, hi = -1, n + 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if accept(mid) else (mid, hi)
+    return hi
+
+
+def half_failure(n: int, level: float, p: float, tail: float) -> float:
+    """P(CP_lower(K, n, level) − tail > p) for K ~ Bin(n, p): a bound at `level` fails (one
+    DRS half, one σ selector stage)."""
+    k = first_k(n, lambda k: bounds.round_down(bounds.cp_lower(k, n, level) - tail) > p)
+    return float(binom.sf(k - 1, n, p))

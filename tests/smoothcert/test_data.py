@@ -87,6 +87,24 @@ def test_load_data_sources(tmp_path):
     assert tree.x.shape == (4, 1, 4, 4) and tree.classes == ("cat", "dog") and tree.y.tolist() == [0, 0, 1, 1]
 
 
+def test_mnist_5k_is_a_seeded_stratified_split_of_real_28x28_digits():
+    from smoothcert.data import load_data, load_mnist_split
+
+    train, test = load_data("mnist-5k", "train"), load_data("mnist-5k", "test")
+    assert (len(train), len(test)) == (4000, 1000) and train.x.shape[1:] == (1, 28, 28)
+    assert train.x.dtype == np.float32 and train.x.min() >= 0.0 and train.x.max() == 1.0
+    assert np.bincount(train.y).tolist() == [400] * 10 and np.bincount(test.y).tolist() == [100] * 10
+    # 8-bit pixels, each image with ink: not noise, not a blank filler
+    assert np.array_equal(np.round(test.x * 255), test.x * np.float32(255))
+    assert (test.x.reshape(1000, -1).max(axis=1) > 0.5).all()
+    again, other = load_mnist_split(0), load_mnist_split(1)
+    assert np.array_equal(again[2], test.x) and np.array_equal(again[3], test.y)
+    assert not np.array_equal(other[3], test.y)
+    # disjoint: no test image is a train image
+    seen = {row.tobytes() for row in train.x}
+    assert not any(row.tobytes() in seen for row in test.x)
+
+
 def test_load_data_refusals(tmp_path):
     from smoothcert.data import load_data
     from smoothcert.imageio import ImageError

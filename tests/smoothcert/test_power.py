@@ -22,21 +22,12 @@ from smoothcert import bounds
 from smoothcert.drs import certify_drs, merge_checkerboard
 from smoothcert.smoothing import certify
 
-from .exact import HalfSpace, Strips, assert_rate_at_most, point_at, power, rate_is_too_high
+from .exact import HalfSpace, Strips, assert_rate_at_most, first_k, half_failure, point_at, power, rate_is_too_high
 
 SHAPE = (1, 4, 4)
 SIGMA = 0.25
 ALPHA = 0.1
 MIN_POWER = 0.99
-
-
-def first_k(n: int, accept) -> int:
-    """The smallest k in 0..n with accept(k) (n + 1 when none): accept must be monotone in k."""
-    lo, hi = -1, n + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if accept(mid) else (mid, hi)
-    return hi
 
 
 # --- two-sided: pB_up must bound the largest other class, not the selection's runner-up --------
@@ -143,12 +134,6 @@ def drs_point(seed: int = 0):
     s_left, s_right = 0.5 * SIGMA, 0.4 * SIGMA
     x = merge_checkerboard(point_at(left, HALF, s_left, seed=1), point_at(right, HALF, s_right, seed=2))
     return left, right, x, (float(norm.cdf(s_left / SIGMA)), float(norm.cdf(s_right / SIGMA)))
-
-
-def half_failure(n: int, level: float, p: float, tail: float) -> float:
-    """P(CP_lower(K, n, level) − tail > p) for K ~ Bin(n, p): one half's bound fails."""
-    k = first_k(n, lambda k: bounds.round_down(bounds.cp_lower(k, n, level) - tail) > p)
-    return float(binom.sf(k - 1, n, p))
 
 
 def test_drs_bounds_each_half_at_half_alpha_and_the_check_catches_the_full_alpha():
