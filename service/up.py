@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "models" / "digits"
+# Registered beside it: MNIST's standard demo model and its σ selector (docs/mnist.md).
+DEMO_BUNDLES = (DEMO_BUNDLE, ROOT / "models" / "mnist", ROOT / "models" / "mnist-selector")
 LOCK_FILE = "up.lock"
 STOP_SECONDS = 10  # what a child gets to stop on SIGTERM before it is killed (a worker ends its jobs)
 
@@ -60,8 +62,9 @@ def register(subparsers) -> None:
     up = subparsers.add_parser(
         "up", help="run Redis, a worker and the API locally, with the demo model",
         description="Run the whole stack on this machine: a private, durable redis-server unless a durable "
-                    "one answers, one worker on this machine's device, the API and the demo model "
-                    f"`digits`. Fresh API keys are printed and saved, with the URL, in {credentials_path()}, "
+                    "one answers, one worker on this machine's device, the API and the demo models "
+                    "`digits`, `mnist` and `mnist-selector`. Fresh API keys are printed and saved, with the URL, "
+                    f"in {credentials_path()}, "
                     "where the client commands and the SDK find them. It refuses to start when the API "
                     "port already answers or another `up` holds the state folder. Ctrl-C or SIGTERM stops "
                     "everything it started.")
@@ -400,7 +403,7 @@ def _run(args: argparse.Namespace, state: Path, url: str, stop: _StopRequest,
     if keys:
         env["SMOOTHCERT_ADMIN_KEYS"], env["SMOOTHCERT_API_KEYS"] = keys["admin_key"], keys["api_key"]
     store = Store.from_url(redis_url, prefix=Settings().key_prefix)
-    models = [register_bundle(store, b) for b in [DEMO_BUNDLE, *args.model]]
+    models = [register_bundle(store, b) for b in [*DEMO_BUNDLES, *args.model]]
     if stop.requested:
         return 0
     procs.append(_spawn(worker_command("smoothcert-up@%h", device),
@@ -428,6 +431,7 @@ def _run(args: argparse.Namespace, state: Path, url: str, stop: _StopRequest,
         print(f"  {credentials_path()} was left as it is: it holds the keys of another stack, which is "
               f"running; use this one with --server {url} --key KEY (or $SMOOTHCERT_URL and $SMOOTHCERT_API_KEY)")
     print(f"  logs: {state}\n  try: smoothcert certify examples/digit-7.png --model digits --wait\n"
+          "       smoothcert certify examples/mnist-3.png --model mnist-selector --wait\n"
           "  Ctrl-C stops it.", flush=True)
     while not stop.requested:
         dead = [n for p, n in zip(procs, names, strict=True) if p.poll() is not None]

@@ -28,7 +28,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from benchmarks.stack import Stack, free_port
-from service.up import DEMO_BUNDLE, api_command, worker_command
+from service.up import DEMO_BUNDLE, DEMO_BUNDLES, api_command, register_bundle, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts" / "console"
@@ -283,6 +283,30 @@ def test_certify_an_example_end_to_end(browser, url, shot):
     assert row.find_element(By.CLASS_NAME, "job-state").text == (
         f"succeeded: class {result['prediction']}, radius {floor_text(result['radius'], 4)}")
     shot("04-my-jobs")
+
+
+def test_a_sigma_selector_chooses_sigma_itself(browser, url, stack, shot):
+    register_bundle(stack.store(), DEMO_BUNDLES[2])  # mnist-selector
+    open_console(browser, url, USER)
+    Select(browser.find_element(By.ID, "cert-model")).select_by_visible_text("mnist-selector")
+    wait(browser, lambda d: "σ selector" in d.find_element(By.ID, "sigma-range").text, what="the selector note")
+    for control in ("sigma", "sigma-search", "memory"):
+        assert not browser.find_element(By.ID, control).is_enabled(), control
+    assert not browser.find_element(By.ID, "memory").is_selected()
+    Select(browser.find_element(By.ID, "example")).select_by_visible_text("mnist-3.png")
+    wait(browser, lambda d: "fits the model" in d.find_element(By.ID, "input-note").text, what="the preview")
+    typed(browser, "n", "1000")
+    browser.find_element(By.ID, "certify-submit").click()
+    wait(browser, lambda d: d.find_element(By.ID, "certificate").is_displayed(), 60, "the certificate")
+    job_id = text(browser, "cert-job-title").removeprefix("Job ")
+    _, job, _ = api(url, f"/v1/certifications/{job_id}", USER)
+    result, sel = job["result"], job["result"]["selector"]
+    assert job["request"]["sigma"] is None and job["request"]["memory"] is False
+    assert result["prediction"] == 3 and result["guarantee"]["scope"] == "selector"
+    assert text(browser, "cert-selector").startswith(f"chose σ = {sel['sigmas'][sel['sigma_index']]} of ")
+    assert text(browser, "cert-guarantee") == result["guarantee"]["statement"]
+    assert not csp_violations(browser)
+    shot("03b-selector-certificate")
 
 
 def test_a_memory_answer_names_its_root(browser, url, shot):

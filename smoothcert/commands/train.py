@@ -29,6 +29,8 @@ METHOD_NAMES = ("gaussian", "feng", "ddrs", "insta", "drs", "selector")
 OPTION_FLAGS = ("sigma_min", "sigma_max", "k", "lam", "ddrs_steps", "ddrs_lr", "ddrs_samples",
                 "ddrs_loss", "macer_beta", "macer_gamma", "stage1_epochs", "insta_every",
                 "insta_steps", "insta_samples")
+# The selector's own flags: left out of the other methods' records and commands.
+SELECTOR_FLAGS = ("experts", "sigmas", "label_samples", "temperature", "copies", "consistency", "no_reweight")
 TRANSFORMS = "none: images are used as stored (no resize, crop or flip)"
 NOISE = "N(0, sigma^2 I) in [0, 1] pixel space, added before the normalisation, not clipped"
 
@@ -240,7 +242,8 @@ def _train(args: argparse.Namespace, *, data, x, y, spec, options, nets, init, o
     record = {
         "format": "smoothcert-train/1",
         "command": _command(args),
-        "config": {**{k: v for k, v in sorted(vars(args).items()) if _plain(k, v) and k not in OPTION_FLAGS},
+        "config": {**{k: v for k, v in sorted(vars(args).items())
+                      if _plain(k, v, args.method) and k not in OPTION_FLAGS},
                    "options": options_dict, "device": str(device)},
         "seed": args.seed,
         "data": {"source": data.source, "split": "train", "data_seed": args.data_seed,
@@ -269,15 +272,16 @@ def _train(args: argparse.Namespace, *, data, x, y, spec, options, nets, init, o
     return 0
 
 
-def _plain(key: str, value: Any) -> bool:
-    return key not in ("run", "command") and not callable(value)
+def _plain(key: str, value: Any, method: str = "selector") -> bool:
+    return (key not in ("run", "command") and not callable(value)
+            and (method == "selector" or key not in SELECTOR_FLAGS))
 
 
 def _command(args: argparse.Namespace) -> str:
     """The command line that repeats this run: every option, defaults included."""
     words = ["smoothcert", "train"]
     for key, value in sorted(vars(args).items()):
-        if not _plain(key, value) or value is None or value is False:
+        if not _plain(key, value, args.method) or value is None or value is False:
             continue
         words.append("--" + key.replace("_", "-"))
         if value is not True:

@@ -187,11 +187,21 @@ async function modelChanged() {
   sigma.min = model.sigma.min;
   sigma.max = model.sigma.max;
   sigma.value = model.sigma.default;
-  setText("sigma-range", `This model's σ: default ${model.sigma.default}, from ${model.sigma.min} to ${model.sigma.max}.`);
+  const selector = model.kind === "selector";
+  setText("sigma-range", selector
+    ? `A σ selector: it chooses σ among ${model.spec.selector.sigmas.join(", ")} for each input, with a certified `
+      + "choice, and needs no memory."
+    : `This model's σ: default ${model.sigma.default}, from ${model.sigma.min} to ${model.sigma.max}.`);
   const drs = model.kind === "drs";
   $("bound").replaceChildren(...(drs ? ["drs"] : ["cohen", "two_sided"]).map((b) => element("option", b, { value: b })));
-  $("sigma-search").disabled = drs || model.kind === "remote";
+  $("sigma-search").disabled = drs || model.kind === "remote" || selector;
+  $("sigma-fixed").disabled = selector;
   if ($("sigma-search").disabled) $("sigma-fixed").checked = true;
+  $("memory").disabled = selector;
+  if (selector) {
+    $("memory").checked = false;
+    state.memoryTouched = true;
+  }
   try {
     state.memory = await json(`v1/models/${encodeURIComponent(model.name)}/memory`);
   } catch {
@@ -211,7 +221,7 @@ function formChanged() {
   const search = $("sigma-search").checked;
   if (!state.memoryTouched) $("memory").checked = search;
   const memory = $("memory").checked;
-  $("sigma").disabled = search;
+  $("sigma").disabled = search || selectedModel()?.kind === "selector";
   $("search-method").disabled = !search;
   $("tolerance-field").hidden = $("sampling").value !== "adaptive";
   $("target-field").hidden = $("sampling").value !== "sequential";
@@ -308,7 +318,8 @@ function certificationForm() {
   form.append("model", model.name);
   form.append("image", state.image.blob, state.image.name);
   const memory = $("memory").checked;
-  if ($("sigma-search").checked) form.append("sigma_search", $("search-method").value);
+  if (model.kind === "selector") { /* it chooses σ itself */ }
+  else if ($("sigma-search").checked) form.append("sigma_search", $("search-method").value);
   else if (numberOf("sigma") !== null) form.append("sigma", numberOf("sigma"));
   form.append("memory", String(memory));
   form.append("sampling", $("sampling").value);
@@ -458,6 +469,15 @@ function renderCertificate(job) {
   if (r.target_radius !== null && r.target_radius !== undefined) sampling.push(`target radius ${r.target_radius}`);
   addField(list, "Sampling", sampling.join(", "));
   if (r.search) addField(list, "σ search", `${r.search.method}: σ = ${r.search.sigma} from σ0 = ${r.search.sigma0}`);
+  if (r.selector) {
+    const sel = r.selector;
+    addField(list, "σ selector", sel.sigma_index === null
+      ? `the estimator (σ_e = ${sel.sigma_e}) could not choose among ${sel.sigmas.join(", ")}: abstained`
+      : `chose σ = ${sel.sigmas[sel.sigma_index]} of ${sel.sigmas.join(", ")}, fixed within R_σ = `
+        + `${floorTo(sel.radius_sigma, 4)} (α/2 = ${sel.alpha_sigma}); the class holds within R_c = `
+        + `${sel.radius_class === null ? "none" : floorTo(sel.radius_class, 4)} (α/2 = ${sel.alpha_class})`,
+    "cert-selector");
+  }
   const m = r.memory || { used: false };
   addField(list, "Memory", m.used
     ? `${m.outcome}; root entry ${m.root} (job ${m.root_job})${m.radius_before !== null && m.radius_before !== undefined
