@@ -490,7 +490,10 @@ def model_metadata(name: str, digest: str, spec: ModelSpec) -> ModelMetadataOut:
         outputs=[MetadataTensor(name=o.name, datatype=o.datatype, shape=[-1] if o.width == 1 else [-1, o.width])
                  for o in model_outputs(spec)],
         parameters={"kind": spec.kind, "num_classes": spec.num_classes, "sigma_default": spec.sigma.default,
-                    "sigma_min": spec.sigma.min, "sigma_max": spec.sigma.max, "tasks": tasks},
+                    "sigma_min": spec.sigma.min, "sigma_max": spec.sigma.max, "tasks": tasks,
+                    # a σ selector chooses among these itself: no sigma parameter (docs/api.md)
+                    **({"sigma_levels": ",".join(map(repr, spec.selector.sigmas)), "sigma_e": spec.selector.sigma_e}
+                       if spec.selector is not None else {})},
     )
 
 

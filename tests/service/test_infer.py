@@ -23,6 +23,7 @@ from smoothcert import __version__
 from tests.service.conftest import (
     DRS,
     PREFIX,
+    SELECTOR,
     USER,
     auth,
     image,
@@ -158,6 +159,17 @@ def test_drs_model_metadata(client, store):
     shapes = {o["name"]: o["shape"] for o in meta["outputs"]}
     assert shapes["p_a_lower_halves"] == [-1, 2] and "p_value" not in shapes and "p_a_lower" not in shapes
     assert meta["parameters"]["tasks"] == "certify"
+
+
+def test_a_selector_lists_its_levels_and_takes_no_sigma(client, store):
+    register(store, SELECTOR)
+    meta = client.get("/v2/models/chooser").json()
+    assert meta["parameters"]["sigma_levels"] == "0.12,0.25,0.5" and meta["parameters"]["sigma_e"] == 0.5
+    assert meta["parameters"]["tasks"] == "predict,certify"
+    for task in ("predict", "certify"):
+        r = client.post("/v2/models/chooser/infer", json=body(smoothcert_task=task, sigma=0.25))
+        assert r.status_code == 400 and "chooses sigma for each input itself" in r.json()["error"], r.text
+    assert nothing_stored(store, store.r)
 
 
 def test_model_ready(client, store):
