@@ -50,7 +50,8 @@ def main(folder: str, figure: str) -> None:
     counts = {len(t) for t in tables.values()}
     envelope = {r: max(accuracy(tables[f], r) for f in fixed) for r in RADII} if fixed else {}
     print(f"{counts.pop() if len(counts) == 1 else counts} test images per run\n")
-    print("| run | " + " | ".join(f"r={r:g}" for r in RADII) + " | ACR | abstained | s/image | samples/image | σ chosen |")
+    print("| run | " + " | ".join(f"r={r:g}" for r in RADII)
+          + " | ACR | abstained | s/image | samples/image | σ chosen |")
     print("|---|" + "---|" * (len(RADII) + 5))
     for name in order:
         if name == "envelope":
