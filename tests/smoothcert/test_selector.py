@@ -120,6 +120,24 @@ def test_each_stage_bounds_at_half_alpha_and_the_check_catches_a_full_alpha_per_
     unsound = sum(map(full_alpha_fails, certs))
     assert rate_is_too_high(unsound, runs, ALPHA), (unsound, runs, rate)
 
+    # Stage by stage: each bound fails at most at α/2, and a stage at the full α is told apart.
+    stage_1 = [c.selector.estimator for c in certs]
+    assert_rate_at_most(sum(e.p_a_lower > setup.p_e for e in stage_1 if e.prediction != 0), runs, ALPHA / 2,
+                        "the estimator's bound")
+    assert power(f_e, runs, ALPHA / 2) > MIN_POWER, f_e
+    assert rate_is_too_high(sum(full_alpha(e.n_a) > setup.p_e for e in stage_1 if e.prediction != 0), runs, ALPHA / 2)
+
+
+def test_how_many_runs_tell_a_stage_at_alpha_from_one_at_half_alpha():
+    """The exact failure rate of a stage's bound at α and at α/2 (n = 300, this test's p), and
+    the fewest runs for which the binomial check flags the α stage with probability 0.99: the
+    count the tests above must reach (they use 1,000)."""
+    p_e, tail = float(norm.cdf(1.0)), 0.0
+    at_alpha, at_half = half_failure(N, ALPHA, p_e, tail), half_failure(N, ALPHA / 2, p_e, tail)
+    assert at_half <= ALPHA / 2 < at_alpha <= ALPHA
+    needed = next(r for r in range(50, 5001, 50) if power(at_alpha, r, ALPHA / 2) >= MIN_POWER)
+    assert needed <= 1000, (needed, at_alpha, at_half)
+
 
 # --- R_σ caps the radius: the check catches a certificate that ignores it ------------------------
 
@@ -235,3 +253,18 @@ def test_bad_selectors_are_refused(sigmas, sigma_e, experts, message):
     with pytest.raises(bounds.InvalidParameters, match=message):
         certify_selector(setup.estimator, setup.experts[:1] * experts, setup.x, sigmas=sigmas, sigma_e=sigma_e,
                          num_classes=2, n0=N0, n=N, alpha=ALPHA, batch_size=N, seed=0)
+
+
+@pytest.mark.parametrize(("sampling", "extra"), [("adaptive", {"tolerance": 0.1}),
+                                                  ("sequential", {"target_radius": 0.1})])
+def test_adaptive_and_sequential_sampling_run_in_both_stages(sampling, extra):
+    setup = Setup(r_e=0.5, r_1=0.2)
+    certs = [certify_selector(setup.estimator, setup.experts, setup.x, sigmas=SIGMAS, sigma_e=SIGMA_E,
+                              num_classes=2, n0=N0, n=20_000, alpha=0.01, batch_size=5000, seed=seed,
+                              sampling=sampling, **extra) for seed in range(20)]
+    for cert in certs:
+        est = cert.selector.estimator
+        assert cert.sampling == est.sampling == sampling and est.alpha == 0.005
+        assert cert.n <= 20_000 and est.n <= 20_000 and cert.samples < 2 * (N0 + 20_000)
+        assert not setup.wrong(cert)  # exact answers: never more than min(r_e, r_1) = 0.2
+    assert sum(not c.abstained for c in certs) >= 15
