@@ -268,3 +268,29 @@ def test_adaptive_and_sequential_sampling_run_in_both_stages(sampling, extra):
         assert cert.n <= 20_000 and est.n <= 20_000 and cert.samples < 2 * (N0 + 20_000)
         assert not setup.wrong(cert)  # exact answers: never more than min(r_e, r_1) = 0.2
     assert sum(not c.abstained for c in certs) >= 15
+
+
+@pytest.fixture(scope="module")
+def exact_bundle(tmp_path_factory):
+    """The exact selector of these tests as a bundle (torch.export form)."""
+    from smoothcert.bundle import load_bundle, save_bundle
+
+    setup = Setup(r_e=0.5, r_1=0.2)
+    folder = tmp_path_factory.mktemp("exact-selector")
+    spec = {"name": "exact", "kind": "selector", "input_shape": list(SHAPE), "num_classes": 2,
+            "selector": {"sigmas": list(SIGMAS), "sigma_e": SIGMA_E, "experts": "per_sigma"}}
+    save_bundle(folder, spec, (setup.estimator, *setup.experts))
+    return setup, load_bundle(folder)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp32+channels_last", "bf16", "fp32+fuse", "bf16+fuse+channels_last"])
+def test_every_cpu_numeric_mode_runs_both_stages_and_stays_sound(exact_bundle, mode):
+    from smoothcert.certifier import Certifier
+
+    setup, bundle = exact_bundle
+    certifier = Certifier(bundle, device="cpu", numeric_mode=mode)
+    runs = 200
+    certs = [certifier.certify(setup.x, n0=N0, n=N, alpha=ALPHA, batch_size=N, seed=seed) for seed in range(runs)]
+    assert all(c.numeric_mode == mode and c.selector is not None for c in certs)
+    assert sum(not c.abstained for c in certs) > runs // 2
+    assert_rate_at_most(sum(map(setup.wrong, certs)), runs, ALPHA, f"selector in {mode}")
