@@ -130,6 +130,19 @@ def _parse_normalize(values: list[str] | None, x, channels: int) -> tuple | None
     return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
+def training_split(args: argparse.Namespace):
+    """(data set, x, y): the train split of --data (split by --data-seed), its first --limit images."""
+    from smoothcert.data import load_data
+
+    data = load_data(args.data, "train", seed=args.data_seed)
+    x, y = data.x, data.y
+    if args.limit is not None:
+        if args.limit < 1:
+            raise TrainError("--limit must be >= 1")
+        x, y = x[:args.limit], y[:args.limit]
+    return data, x, y
+
+
 def _setup(args: argparse.Namespace) -> dict[str, Any]:
     """Everything checked before any training: data, options, model.json, initial weights."""
     import dataclasses
@@ -138,18 +151,12 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
 
     from smoothcert.architectures import build_architecture
     from smoothcert.bundle import load_bundle
-    from smoothcert.data import load_data
     from smoothcert.manifest import ModelSpec, SigmaRange
     from smoothcert.methods import MethodOptions
 
     if args.epochs < 1 or args.batch_size < 1 or args.checkpoint_every < 1 or not args.sigma > 0:
         raise TrainError("need --sigma > 0, --epochs >= 1, --batch-size >= 1, --checkpoint-every >= 1")
-    data = load_data(args.data, "train", seed=args.data_seed)
-    x, y = data.x, data.y
-    if args.limit is not None:
-        if args.limit < 1:
-            raise TrainError("--limit must be >= 1")
-        x, y = x[:args.limit], y[:args.limit]
+    data, x, y = training_split(args)
     num_classes, shape = len(data.classes), tuple(int(s) for s in x.shape[1:])
     if len(y) == 0 or num_classes < 2 or int(y.max()) >= num_classes:
         raise TrainError(f"{data.source}: need images of at least 2 classes with labels < {num_classes}")

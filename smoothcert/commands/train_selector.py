@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from smoothcert.commands.train import NOISE, TRANSFORMS, TrainError, _command, _parse_normalize, _plain
+from smoothcert.commands.train import (
+    NOISE,
+    TRANSFORMS,
+    TrainError,
+    _command,
+    _parse_normalize,
+    _plain,
+    training_split,
+)
 
 
 def train_selector(args: argparse.Namespace) -> int:
@@ -38,7 +46,6 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
 
     from smoothcert.architectures import Normalize, build_architecture
     from smoothcert.bundle import load_bundle
-    from smoothcert.data import load_data
     from smoothcert.manifest import ModelSpec, SelectorSpec, SigmaRange
     from smoothcert.selector_training import SelectorTraining
 
@@ -54,12 +61,7 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
     settings = SelectorTraining(sigmas=tuple(args.sigmas), sigma_e=args.sigma, label_samples=args.label_samples,
                                 temperature=args.temperature, copies=args.copies, consistency=args.consistency,
                                 reweight=not args.no_reweight)
-    data = load_data(args.data, "train", seed=args.data_seed)
-    x, y = data.x, data.y
-    if args.limit is not None:
-        if args.limit < 1:
-            raise TrainError("--limit must be >= 1")
-        x, y = x[:args.limit], y[:args.limit]
+    data, x, y = training_split(args)
     shape, num_classes = tuple(int(s) for s in x.shape[1:]), len(data.classes)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     experts = [load_bundle(path, device=device) for path in args.experts]
