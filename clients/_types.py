@@ -141,6 +141,9 @@ class CertificateResult:
     seed: int | None = None
     seed_source: str | None = None  # "server" (drawn by the service) or "caller" (a caller's seed guarantees nothing)
     remote: dict[str, Any] | None = None  # a remote model: {endpoint, model, version, canary_digest}
+    # a σ selector's two stages: {sigmas, sigma_e, sigma_index, radius_sigma, radius_class, alpha_sigma,
+    # alpha_class, classifier_seed, estimator} (docs/api.md); None for other models
+    selector: dict[str, Any] | None = None
     model: ModelRef | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -163,6 +166,7 @@ class PredictionResult:
     sigma: float | None = None
     n: int | None = None
     alpha: float | None = None
+    selector: dict[str, Any] | None = None  # a σ selector's two stages (no radii)
     model: ModelRef | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -581,7 +581,7 @@ def _certificate_line(result: dict[str, Any]) -> str:
     n = _number(result.get("n"))
     if result.get("sampling") not in (None, "fixed") and result.get("n_max") is not None:
         n += f" of {_number(result['n_max'])}, {result['sampling']}"
-    params = f"σ {_number(result.get('sigma'))}, n {n}, α {_number(result.get('alpha'))}"
+    params = f"σ {_number(result.get('sigma'))}{_chosen(result)}, n {n}, α {_number(result.get('alpha'))}"
     memory = result.get("memory") or {}
     memory_text = f"memory {memory.get('outcome')}" if memory.get("used") else "memory off"
     if result.get("prediction") is None:
@@ -589,8 +589,18 @@ def _certificate_line(result: dict[str, Any]) -> str:
     return f"{_class(result)}, radius {floor_text(result.get('radius'), 4)} ({params}), {memory_text}"
 
 
+def _chosen(result: dict[str, Any]) -> str:
+    """" chosen by the selector" after a σ selector's σ (" (σ_e: no level chosen)" when its
+    estimator abstained, so the σ shown is σ_e); nothing for other models."""
+    sel = result.get("selector")
+    if not sel:
+        return ""
+    return " chosen by the selector" if sel.get("sigma_index") is not None else " (σ_e: no level chosen)"
+
+
 def _prediction_line(result: dict[str, Any]) -> str:
-    params = f"σ {_number(result.get('sigma'))}, n {_number(result.get('n'))}, α {_number(result.get('alpha'))}"
+    params = (f"σ {_number(result.get('sigma'))}{_chosen(result)}, n {_number(result.get('n'))}, "
+              f"α {_number(result.get('alpha'))}")
     if result.get("prediction") is None:
         return f"abstained ({params})"
     return f"{_class(result)} ({params}; a prediction: no radius)"

@@ -502,3 +502,18 @@ def test_real_worker_shows_loading_then_ends_full(redis_url, redis_client, capsy
     for worker in workers:
         worker.join(60)
     assert LOADING_NOTE not in capsys.readouterr().err
+
+
+def test_a_selector_result_says_who_chose_sigma():
+    from clients.cli import _certificate_line, _prediction_line
+
+    base = {"prediction": 3, "label": "3", "radius": 1.03790801, "sigma": 0.5, "n": 1000, "alpha": 0.001,
+            "memory": {"used": False}}
+    chosen = base | {"selector": {"sigma_index": 2, "sigmas": [0.12, 0.25, 0.5]}}
+    assert _certificate_line(chosen) == (
+        "class 3 (3), radius 1.0379 (σ 0.5 chosen by the selector, n 1000, α 0.001), memory off")
+    assert _certificate_line(base) == "class 3 (3), radius 1.0379 (σ 0.5, n 1000, α 0.001), memory off"
+    none = base | {"prediction": None, "selector": {"sigma_index": None}}
+    assert _certificate_line(none) == "abstained (σ 0.5 (σ_e: no level chosen), n 1000, α 0.001), memory off"
+    assert _prediction_line(chosen) == (
+        "class 3 (3) (σ 0.5 chosen by the selector, n 1000, α 0.001; a prediction: no radius)")
