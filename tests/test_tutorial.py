@@ -71,7 +71,7 @@ def test_save_bundle_takes_a_model_json_dict_or_a_spec(tmp_path):
     (SPEC, "state_dict", r"a standard bundle needs one nn.Module, got OrderedDict \(a state dict\? pass the module"),
     (SPEC, "pair", r"a standard bundle needs one nn.Module, got \(Sequential, Sequential\)"),
     (SPEC, "nothing", "a standard bundle needs one nn.Module, got NoneType"),
-    (SPEC | {"kind": "drs", "input_shape": [1, 4, 4]}, None, r"a drs bundle needs a \(left, right\) pair"),
+    (SPEC | {"kind": "drs", "input_shape": [1, 4, 4]}, None, r"a drs bundle needs nn.Modules for \(left, right\)"),
     (SPEC | {"kind": "remote", "remote": {"endpoint": "https://x.example", "model": "m"}}, None,
      "a remote bundle has no network"),
 ])
