@@ -294,3 +294,15 @@ def test_every_cpu_numeric_mode_runs_both_stages_and_stays_sound(exact_bundle, m
     assert all(c.numeric_mode == mode and c.selector is not None for c in certs)
     assert sum(not c.abstained for c in certs) > runs // 2
     assert_rate_at_most(sum(map(setup.wrong, certs)), runs, ALPHA, f"selector in {mode}")
+
+
+def test_the_two_sided_bound_runs_in_both_stages_and_stays_sound():
+    setup = Setup(r_e=0.5, r_1=0.2)
+    runs = 300
+    certs = [certify_selector(setup.estimator, setup.experts, setup.x, sigmas=SIGMAS, sigma_e=SIGMA_E,
+                              num_classes=2, n0=N0, n=N, alpha=ALPHA, batch_size=N, seed=seed, bound="two_sided")
+             for seed in range(runs)]
+    assert all(c.bound == c.selector.estimator.bound == "two_sided" for c in certs)
+    assert all(c.p_b_upper is not None for c in certs if not c.abstained)
+    assert sum(not c.abstained for c in certs) > runs // 2
+    assert_rate_at_most(sum(map(setup.wrong, certs)), runs, ALPHA, "two-sided selector certificates")
