@@ -90,6 +90,9 @@ class Certifier:
             if self.remote is not None:
                 rows = self.spec.remote.max_batch
                 self._batch = BatchSize(rows=rows, max_rows=rows)
+            elif self.spec.kind == "selector":  # the estimator and the experts may differ in size
+                sizes = [auto_batch_size(s, self._sampler_input_shape(), self.device) for s in self.samplers]
+                self._batch = BatchSize(rows=min(b.rows for b in sizes), max_rows=min(b.max_rows for b in sizes))
             else:
                 self._batch = auto_batch_size(self.samplers[0], self._sampler_input_shape(), self.device)
         return self._batch

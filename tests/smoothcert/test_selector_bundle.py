@@ -130,3 +130,14 @@ def test_certify_local_and_evaluate_take_a_selector_bundle(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["count"] == 3 and summary["parameters"]["sigma"] is None
     assert summary["parameters"]["method"] == "selector" and summary["parameters"]["model"]["kind"] == "selector"
+
+
+def test_the_automatic_batch_size_fits_every_network_of_a_selector(tmp_path, monkeypatch):
+    import smoothcert.certifier as certifier_module
+    from smoothcert.batching import BatchSize
+
+    save_bundle(tmp_path, spec("per_sigma"), nets("per_sigma"))
+    certifier = Certifier(load_bundle(tmp_path), device="cpu")
+    probed = iter([BatchSize(4000, 40_000), BatchSize(500, 9000), BatchSize(8000, 5000), BatchSize(2000, 30_000)])
+    monkeypatch.setattr(certifier_module, "auto_batch_size", lambda *a, **k: next(probed))
+    assert certifier.batch == BatchSize(rows=500, max_rows=5000)  # the smallest of each, over all four
