@@ -42,7 +42,7 @@ def acr(table: list[dict]) -> float:
 
 
 def main(folder: str, figure: str) -> None:
-    runs = {p.parent.name: p.parent for p in Path(folder).glob("*/results.tsv")}
+    runs = {p.parent.name: p.parent for p in Path(folder).glob("*/summary.json")}  # finished runs only
     tables = {name: rows(run) for name, run in runs.items()}
     summaries = {name: json.loads((run / "summary.json").read_text()) for name, run in runs.items()}
     fixed = sorted(name for name in runs if name.startswith("cohen-"))

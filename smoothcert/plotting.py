@@ -40,12 +40,15 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[float] | 
 
 
 def default_label(run_dir: str | os.PathLike, summary: dict[str, Any]) -> str:
-    """Run name and method: "name: σ=0.25, cohen" or "name: ddrs σ search, memory"."""
+    """Run name and method: "name: σ=0.25, cohen", "name: ddrs σ search, memory" or
+    "name: σ selector, cohen"."""
     p = summary.get("parameters", {})
     name = Path(run_dir).resolve().name
     if p.get("method", "fixed") == "fixed":
         sigma = p.get("sigma")
         method = f"σ={sigma:g}, {p.get('bound', '?')}" if sigma is not None else p.get("bound", "?")
+    elif p["method"] == "selector":
+        method = f"σ selector, {p.get('bound', '?')}"
     else:
         method = f"{p['method']} σ search" + (", memory" if p.get("memory") else "")
     return f"{name}: {method}"
