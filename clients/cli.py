@@ -49,7 +49,8 @@ KINDS = ("certification", "prediction", "evaluation")
 LOADING_NOTE = "the worker is loading the model (first use: loading and measuring its batch size)"
 RUN_FILES = ("results.tsv", "summary.json", "curve.png")  # the run directory of `smoothcert evaluate`
 # Options of the engine's `evaluate` that only a run in this process uses.
-LOCAL_EVALUATE_ONLY = {"split": "test", "radii": None, "device": None, "remote_allow": [], "remote_token": []}
+LOCAL_EVALUATE_ONLY = {"split": "test", "start": 0, "radii": None, "device": None, "remote_allow": [],
+                       "remote_token": []}
 
 
 class UsageError(Exception):

@@ -120,6 +120,7 @@ def evaluate(
     *,
     every: int = 1,
     limit: int | None = None,
+    start: int = 0,
     sigma: float | None = None,
     sigma_search: SigmaSearch | None = None,
     bound: str | None = None,
@@ -136,7 +137,9 @@ def evaluate(
     on_row: Callable[[EvaluationRow], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> EvaluationRun:
-    """Certify examples 0, every, 2·every, ... (at most `limit`) of `dataset` in that order.
+    """Certify examples start, start + every, start + 2·every, ... (at most `limit`) of
+    `dataset` in that order (`start` picks a disjoint subset, for example to choose settings on
+    images apart from the evaluated ones).
 
     `memory` applies the memory rule across the run (one fresh memory for this run).
     `on_row` sees each row as soon as it is certified (to stream results); `cancel` is
@@ -150,9 +153,11 @@ def evaluate(
         raise InvalidParameters(f"every must be an integer ≥ 1, got {every!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidParameters(f"limit must be an integer ≥ 1, got {limit!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise InvalidParameters(f"start must be an integer ≥ 0, got {start!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InvalidParameters(f"seed must be an integer (evaluations are always seeded), got {seed!r}")
-    indices = range(0, len(dataset), every)[:limit]
+    indices = range(start, len(dataset), every)[:limit]
     if not indices:
         raise InvalidParameters(f"{dataset.source} ({dataset.split}) has no examples to evaluate")
     spec = certifier.spec
@@ -189,7 +194,7 @@ def evaluate(
                   else float(spec.sigma.default if sigma is None else sigma)),
         "sigma_search": dataclasses.asdict(search) if search is not None else None,
         "bound": bound, "n0": n0, "n": n, "alpha": alpha, "batch_size": batch_size, "seed": seed,
-        "memory": memory, "every": every, "limit": limit, "device": str(certifier.device),
+        "memory": memory, "every": every, "limit": limit, "start": start, "device": str(certifier.device),
         "sampling": sampling, "tolerance": tolerance, "target_radius": target_radius,
     }
     return EvaluationRun(tuple(rows), parameters)

@@ -47,6 +47,8 @@ def register(commands) -> None:
     e.add_argument("--split", choices=("train", "test"), default="test", help="default: test")
     e.add_argument("--every", type=int, default=1, help="certify examples 0, K, 2K, ... (default 1)")
     e.add_argument("--limit", type=int, help="certify at most N examples")
+    e.add_argument("--start", type=int, default=0, help="begin at example K: K, K + every, ... (default 0; "
+                   "another start gives disjoint examples, for choosing settings; --bundle only)")
     add_certification_options(e, seed_default=0,
                               seed_help="root seed; example idx uses a seed derived from it and idx (default 0)")
     e.add_argument("--radii", type=float, nargs="+", metavar="R",
@@ -115,7 +117,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     how = sampling(args)
     memory = use_memory(args, search)
     bound = args.bound or ("drs" if certifier.spec.kind == "drs" else "cohen")
-    count = len(range(0, len(dataset), max(args.every, 1))[: args.limit])
+    count = len(range(max(args.start, 0), len(dataset), max(args.every, 1))[: args.limit])
 
     out.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar(count, "evaluate")
@@ -132,7 +134,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         writer = Writer(f, bound, memory, how["sampling"])
         try:
             run = evaluate(
-                certifier, dataset, every=args.every, limit=args.limit, sigma=args.sigma,
+                certifier, dataset, every=args.every, limit=args.limit, start=args.start, sigma=args.sigma,
                 sigma_search=search, bound=bound, n0=args.n0, n=args.n, alpha=args.alpha,
                 **how, batch_size=args.batch, seed=args.seed, memory=memory,
                 progress=bar, on_row=stream,

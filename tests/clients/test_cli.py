@@ -413,6 +413,8 @@ def test_evaluate_through_the_smoothcert_command(transport, state, dataset, caps
     assert "3 examples: clean accuracy 1.000" in capsys.readouterr().out
     assert run("evaluate", "--model", "digits", "--data", str(dataset), "--server", BASE_URL, "--split", "train") == 2
     assert "--split: only for an evaluation in this process" in capsys.readouterr().err
+    assert run("evaluate", "--model", "digits", "--data", str(dataset), "--server", BASE_URL, "--start", "2") == 2
+    assert "--start: only for an evaluation in this process" in capsys.readouterr().err
     from smoothcert.bounds import InvalidParameters
 
     with pytest.raises(InvalidParameters, match="--server: only for an evaluation on a server"):

@@ -19,6 +19,7 @@ from smoothcert.data import Dataset, load_data
 from smoothcert.evaluation import EvaluationRow, EvaluationRun, evaluate, radius_grid, summarize, write_run
 from smoothcert.plotting import step_curve
 from smoothcert.results import Certificate
+from smoothcert.sampling import derive_seed
 from smoothcert.search import SigmaSearch
 from smoothcert.tsv import read
 
@@ -146,6 +147,10 @@ def test_run_directory_of_the_demo_model(certifier, digits, tmp_path):
     sparse = evaluate(certifier, digits, every=90, limit=2, seed=3, **FAST)
     assert [(r.idx, r.certificate.radius) for r in sparse.rows] == [
         (r.idx, r.certificate.radius) for r in run.rows if r.idx in (0, 90)]
+    # start picks the examples start, start + every, ...: disjoint from start 0, same seeds per index.
+    shifted = evaluate(certifier, digits, every=45, start=2, limit=2, seed=3, **FAST)
+    assert [r.idx for r in shifted.rows] == [2, 47] and shifted.parameters["start"] == 2
+    assert shifted.rows[0].certificate.seed == derive_seed(3, 2)
 
 
 def test_search_with_memory_reports_changes_and_search_samples(certifier, digits, tmp_path):
@@ -199,7 +204,7 @@ def test_sequential_sampling_run_records_target_and_samples(certifier, digits, t
 
 
 def test_refusals(certifier, digits):
-    for bad in ({"every": 0}, {"limit": 0}, {"seed": None}):
+    for bad in ({"every": 0}, {"limit": 0}, {"seed": None}, {"start": -1}, {"start": True}):
         with pytest.raises(InvalidParameters):
             evaluate(certifier, digits, **FAST, **({"seed": 0} | bad))
     with pytest.raises(InvalidParameters, match="n ≥"):
