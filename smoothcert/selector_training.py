@@ -28,6 +28,8 @@ Seeded: the radius estimates, the shuffle and the noise come from generators der
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from scipy.stats import norm
 from torch import nn
 from torch.nn import functional as F
 
+from smoothcert.checkpoint import load_checkpoint, save_checkpoint
 from smoothcert.sampling import derive_seed, make_generator
 
 
@@ -113,9 +116,17 @@ class EstimatorEpoch:
 
 def train_estimator(estimator: nn.Module, x: torch.Tensor, targets: np.ndarray, weights: np.ndarray | None, *,
                     settings: SelectorTraining, epochs: int, batch_size: int = 128, lr: float = 1e-3,
-                    seed: int = 0, on_epoch: Callable[[EstimatorEpoch], None] | None = None) -> list[EstimatorEpoch]:
+                    seed: int = 0, on_epoch: Callable[[EstimatorEpoch], None] | None = None,
+                    checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1,
+                    resume: bool = False, config: dict | None = None) -> list[EstimatorEpoch]:
     """Train `estimator` (which takes pixel-space input, its normalisation inside) in place on
-    the loss of the module doc; Adam with a cosine schedule to 0. Returns the epochs' stats."""
+    the loss of the module doc; Adam with a cosine schedule to 0. Returns the epochs' stats
+    (after a resume, the checkpoint's epochs first).
+
+    With `checkpoint`, the whole state (weights, optimiser, schedule, both generators, the
+    epochs so far) is saved after every `checkpoint_every` epochs; `resume` continues from it
+    bit for bit on the same device. `config` names the run: a checkpoint of another run is
+    refused (smoothcert.checkpoint.CheckpointMismatch)."""
     device = x.device
     t = torch.as_tensor(targets, dtype=torch.float32, device=device)
     w = torch.as_tensor(weights if weights is not None else np.ones(len(x)), dtype=torch.float32, device=device)
@@ -123,8 +134,16 @@ def train_estimator(estimator: nn.Module, x: torch.Tensor, targets: np.ndarray, 
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * -(-len(x) // batch_size))
     shuffle = torch.Generator().manual_seed(derive_seed(seed, 2))
     noise = make_generator(derive_seed(seed, 3), device)
-    k, history = settings.copies, []
-    for epoch in range(1, epochs + 1):
+    generators = {"shuffle": shuffle, "noise": noise}
+    config = dict(config or {}, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, n=len(x),
+                  settings=dataclasses.asdict(settings))
+    k, history, start = settings.copies, [], 1
+    if resume and checkpoint is not None:
+        state = load_checkpoint(checkpoint, config, estimator, optimizer, schedule, generators, device)
+        if state is not None:
+            history = [EstimatorEpoch(**h) for h in state["history"]]
+            start = state["epoch"] + 1
+    for epoch in range(start, epochs + 1):
         started, total, agree, seen = time.perf_counter(), 0.0, 0, 0
         estimator.train()
         for idx in torch.randperm(len(x), generator=shuffle).split(batch_size):
@@ -148,6 +167,9 @@ def train_estimator(estimator: nn.Module, x: torch.Tensor, targets: np.ndarray, 
         estimator.eval()
         stats = EstimatorEpoch(epoch, epochs, total / seen, agree / (seen * k), time.perf_counter() - started)
         history.append(stats)
+        if checkpoint is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
+            save_checkpoint(checkpoint, config, epoch, estimator, optimizer, schedule, generators, None,
+                            [dataclasses.asdict(h) for h in history], device)
         if on_epoch is not None:
             on_epoch(stats)
     return history

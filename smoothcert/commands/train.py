@@ -81,7 +81,8 @@ def register(commands) -> None:
     c.add_argument("--insta-steps", type=int, help="insta: bracketing rounds per search (default 2)")
     c.add_argument("--insta-samples", type=int, help="insta: noisy votes per σ scored (default 32)")
     c.add_argument("--init", help="a standard bundle whose weights start the training (drs: "
-                                  "both halves, when its architecture takes the half shape)")
+                                  "both halves, when its architecture takes the half shape; selector: "
+                                  "the estimator, all but the class head)")
     s = c.add_argument_group("selector (--method selector)")
     s.add_argument("--experts", nargs="+", metavar="BUNDLE",
                    help="the classifiers of the levels: one bundle for every level, or one per level in --sigmas order")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -76,6 +77,60 @@ def test_the_estimator_learns_its_targets_and_is_seeded():
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values(), strict=True))
 
 
+def test_an_interrupted_estimator_training_resumes_bit_for_bit(tmp_path):
+    """Checkpoint after every epoch, stop after 3 of 6 (a run told epochs=6 that dies), resume:
+    the weights and losses equal an uninterrupted run's; another run's checkpoint is refused."""
+    from smoothcert.checkpoint import CheckpointMismatch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(96, 1, 4, 4, generator=g)
+    targets = np.where((x.mean(dim=(1, 2, 3)) > 0.5).numpy()[:, None], [0.2, 0.8], [0.8, 0.2])
+    settings = SelectorTraining(sigmas=(0.25, 0.5), sigma_e=0.1, copies=2)
+    fresh = lambda: (torch.manual_seed(0), build_architecture("linear", (1, 4, 4), 2))[1]  # noqa: E731
+    kw = dict(settings=settings, epochs=6, batch_size=32, lr=0.05, seed=1, config={"run": "a"})
+
+    whole = fresh()
+    expected = train_estimator(whole, x, targets, None, **kw)
+
+    class Died(Exception):
+        pass
+
+    def die_after_3(stats):
+        if stats.epoch == 3:
+            raise Died
+
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(Died):
+        train_estimator(fresh(), x, targets, None, checkpoint=ckpt, on_epoch=die_after_3, **kw)
+    resumed = fresh()  # new weights: everything must come from the checkpoint
+    history = train_estimator(resumed, x, targets, None, checkpoint=ckpt, resume=True, **kw)
+    assert [h.loss for h in history] == [h.loss for h in expected] and [h.epoch for h in history] == list(range(1, 7))
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(),
+                                                  strict=True))
+    with pytest.raises(CheckpointMismatch, match="run differ"):
+        train_estimator(fresh(), x, targets, None, checkpoint=ckpt, resume=True, **(kw | {"config": {"run": "b"}}))
+
+
+def test_train_selector_resumes_from_its_checkpoint(tmp_path, experts, capsys):
+    args = ["train", "--method", "selector", "--experts", *experts, "--sigmas", "0.25", "0.5", "--sigma", "0.5",
+            "--arch", "linear", "--data", "sklearn-digits", "--limit", "48", "--epochs", "3",
+            "--label-samples", "5", "--name", "sel"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / "checkpoint.pt").exists()  # removed at the end by default
+    assert main([*args, "--epochs", "1", "--keep-checkpoint", "--out", str(tmp_path / "half")]) == 0
+    # A checkpoint of a run with other settings (here: 1 epoch in all) is refused, not continued.
+    assert main([*args, "--resume", "--out", str(tmp_path / "half")]) == 2
+    assert "epochs differ" in capsys.readouterr().err
+    # One written by the same run continues to the same weights (epochs mid-run: the test above).
+    shutil.rmtree(tmp_path / "half")
+    assert main([*args, "--keep-checkpoint", "--checkpoint-every", "1", "--out", str(tmp_path / "half")]) == 0
+    assert torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert main([*args, "--resume", "--out", str(tmp_path / "half")]) == 0
+    record = json.loads((tmp_path / "half" / "train.json").read_text())
+    assert record["resumed_from_epoch"] == 3 and len(record["epochs"]) == 3
+    assert load_bundle(tmp_path / "half").digest == load_bundle(tmp_path / "whole").digest
+
+
 @pytest.fixture()
 def experts(tmp_path):
     """Two linear digits classifiers (untrained: the command's plumbing is what is tested)."""
@@ -126,3 +181,42 @@ def test_train_selector_refusals(tmp_path, experts, capsys, extra, message):
         args += ["--experts", *experts]
     assert main(args + extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_selector_init_starts_the_estimator_from_an_experts_features(tmp_path, experts, capsys, monkeypatch):
+    """--init copies every tensor whose name and shape fit (all but the class head) and says which
+    did not; the copy is what the estimator starts from (checked before any step is taken)."""
+    torch.manual_seed(3)
+    donor = build_architecture("digits_cnn", (1, 8, 8), 10)
+    spec = ModelSpec(name="donor", input_shape=(1, 8, 8), num_classes=10, sigma=SigmaRange(0.5, 0.5, 0.5),
+                     normalize=((0.5,), (0.5,)), architecture="digits_cnn")
+    save_bundle(tmp_path / "donor", spec, donor, fmt="state_dict")
+    started = {}
+
+    def first_state(estimator, *args, **kwargs):
+        started.update({k: v.detach().clone() for k, v in estimator.state_dict().items()})
+        return train_estimator(estimator, *args, **kwargs)
+
+    monkeypatch.setattr("smoothcert.selector_training.train_estimator", first_state)
+    out = tmp_path / "sel"
+    code = main(["train", "--method", "selector", "--experts", *experts, "--sigmas", "0.25", "0.5",
+                 "--sigma", "0.5", "--arch", "digits_cnn", "--init", str(tmp_path / "donor"),
+                 "--data", "sklearn-digits", "--limit", "32", "--epochs", "1", "--label-samples", "5",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    for name, value in donor.state_dict().items():
+        if name.startswith("head.3"):
+            assert started[f"1.{name}"].shape[0] == 2  # one output per level, not per class
+        else:
+            assert torch.equal(started[f"1.{name}"], value), name
+    init = json.loads((out / "train.json").read_text())["init"]
+    assert init["copied"] == 8 and init["skipped"] == ["head.3.bias", "head.3.weight"]
+    assert init["digest"] == load_bundle(tmp_path / "donor").digest
+
+
+def test_train_selector_init_refuses_another_architecture(tmp_path, experts, capsys):
+    code = main(["train", "--method", "selector", "--experts", *experts, "--sigmas", "0.25", "0.5",
+                 "--sigma", "0.5", "--arch", "digits_cnn", "--init", experts[0], "--data", "sklearn-digits",
+                 "--epochs", "1", "--out", str(tmp_path / "sel")])
+    assert code == 2
+    assert "--init needs a standard digits_cnn bundle for input [1, 8, 8]" in capsys.readouterr().err
