@@ -23,8 +23,8 @@ evaluate() {  # evaluate RUN BUNDLE [OPTIONS...]
     --n0 100 --n "$N" --alpha 0.001 --batch "$BATCH" --seed 0 --overwrite --out "$OUT/$run" "$@"
 }
 
-evaluate selector models/mnist-selector
-evaluate cohen-0.12 "$WORK/expert-0.12" --sigma 0.12
 evaluate cohen-0.25 models/mnist --sigma 0.25
 evaluate cohen-0.5 "$WORK/expert-0.5" --sigma 0.5
+evaluate cohen-1.0 "$WORK/expert-1.0" --sigma 1.0
 evaluate ddrs-memory models/mnist --sigma-search ddrs --memory
+evaluate selector models/mnist-selector

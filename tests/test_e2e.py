@@ -46,6 +46,16 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
+def _env(redis_url: str) -> dict:
+    return dict(os.environ, SMOOTHCERT_REDIS_URL=redis_url, SMOOTHCERT_ADMIN_KEYS=ADMIN,
+                SMOOTHCERT_API_KEYS=f"{USER},{OTHER}", SMOOTHCERT_HEARTBEAT_SECONDS="1", SMOOTHCERT_DEVICE="cpu")
+
+
+def _worker(name: str, env: dict, log: Path) -> subprocess.Popen:
+    return _spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
+                   "-Q", ALL_QUEUES, "--concurrency=1", "-n", f"{name}@%h"], env, log)
+
+
 @pytest.fixture(scope="module")
 def stack(redis_url, tmp_path_factory):
     """uvicorn + one Celery worker on the test Redis, the demo model registered."""
@@ -54,13 +64,10 @@ def stack(redis_url, tmp_path_factory):
 
     redis.Redis.from_url(redis_url).flushdb()
     register_bundle(Store.from_url(redis_url), DEMO_BUNDLE)
-    env = dict(os.environ, SMOOTHCERT_REDIS_URL=redis_url, SMOOTHCERT_ADMIN_KEYS=ADMIN,
-               SMOOTHCERT_API_KEYS=f"{USER},{OTHER}", SMOOTHCERT_HEARTBEAT_SECONDS="1",
-               SMOOTHCERT_DEVICE="cpu")
+    env = _env(redis_url)
     port = free_port()
     procs = [
-        _spawn([sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--loglevel=INFO",
-                "-Q", ALL_QUEUES, "--concurrency=1", "-n", "e2e@%h"], env, logs / "worker.log"),
+        _worker("e2e", env, logs / "worker.log"),
         _spawn([sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(port)],
                env, logs / "api.log"),
     ]
@@ -203,3 +210,38 @@ def test_evaluation_job_over_http(stack):
     assert job["result"]["count"] == 4 and job["result"]["clean_accuracy"] >= 0.75
     curve = httpx.get(f"{url}/curve.png", headers=headers)
     assert curve.status_code == 200 and curve.content.startswith(b"\x89PNG")
+
+
+def test_a_selector_answers_the_same_in_any_order_on_two_workers(stack, redis_url, tmp_path):
+    """The MNIST σ selector certifies the same six images, with the same seeds, in two orders
+    submitted at once to two Celery worker processes; every pair of certificates is identical
+    (no memory: an answer cannot depend on what was certified before it, or where)."""
+    register_bundle(Store.from_url(redis_url), ROOT / "models" / "mnist-selector")
+    second = _worker("e2e-second", _env(redis_url), tmp_path / "second.log")
+    try:
+        deadline = time.monotonic() + 90
+        while b" ready." not in (tmp_path / "second.log").read_bytes():
+            assert time.monotonic() < deadline and second.poll() is None, (tmp_path / "second.log").read_text()
+            time.sleep(0.5)
+        digits = (0, 3, 4, 6, 8, 9)
+        with Client(stack, api_key=USER) as client:
+            submit = lambda d: client.certify(ROOT / "examples" / f"mnist-{d}.png",  # noqa: E731
+                                              model="mnist-selector", n=1000, seed=40 + d)
+            jobs = [(d, submit(d)) for pair in zip(digits, reversed(digits), strict=True) for d in pair]
+            done = [(d, job.wait(timeout=180)) for d, job in jobs]
+    finally:
+        _stop(second)
+    answers: dict[int, list[dict]] = {}
+    for d, status in done:
+        assert status.status == "succeeded", status.raw
+        result = dict(status.raw["result"])
+        result.pop("seconds", None)
+        result["selector"] = dict(result["selector"], estimator={
+            k: v for k, v in result["selector"]["estimator"].items() if k != "seconds"})
+        answers.setdefault(d, []).append(result)
+    for d in digits:
+        first, again = answers[d]
+        assert first == again, d
+        assert first["prediction"] == d and first["guarantee"]["scope"] == "selector"
+    ran = (tmp_path / "second.log").read_text().count("succeeded in")
+    assert 0 < ran < 2 * len(digits), f"the second worker ran {ran} of {2 * len(digits)} jobs"
