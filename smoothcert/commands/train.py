@@ -131,6 +131,13 @@ def _parse_normalize(values: list[str] | None, x, channels: int) -> tuple | None
     return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
+def announce_resume(args: argparse.Namespace, checkpoint: Path) -> None:
+    """With --resume, say whether the run continues from `checkpoint` or starts afresh."""
+    if args.resume:
+        print(f"smoothcert train: resuming from {checkpoint}" if checkpoint.exists() else
+              f"smoothcert train: no {checkpoint}: starting from epoch 1", file=sys.stderr)
+
+
 def training_split(args: argparse.Namespace):
     """(data set, x, y): the train split of --data (split by --data-seed), its first --limit images."""
     from smoothcert.data import load_data
@@ -229,9 +236,7 @@ def _train(args: argparse.Namespace, *, data, x, y, spec, options, nets, init, o
             f" sigma {s.sigma['min']:.3f}/{s.sigma['mean']:.3f}/{s.sigma['max']:.3f}"
         bar.advance(f"loss {s.loss:.4f} acc {s.accuracy:.3f} lr {s.lr:.2e} {s.seconds:.1f}s{table}")
 
-    if args.resume:
-        print(f"smoothcert train: resuming from {checkpoint}" if checkpoint.exists() else
-              f"smoothcert train: no {checkpoint}: starting from epoch 1", file=sys.stderr)
+    announce_resume(args, checkpoint)
     started = time.perf_counter()
     try:
         result = fit(tuple(nets) if spec.kind == "drs" else nets[0], x, y, method=args.method,

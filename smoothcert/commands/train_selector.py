@@ -30,6 +30,7 @@ from smoothcert.commands.train import (
     _command,
     _parse_normalize,
     _plain,
+    announce_resume,
     training_split,
 )
 
@@ -85,13 +86,13 @@ def _setup(args: argparse.Namespace) -> dict[str, Any]:
         raise TrainError(str(e)) from None
     torch.manual_seed(args.seed)  # the estimator's initial weights
     net = build_architecture(args.arch, shape, len(levels))
-    init = _init_estimator(args, net, shape, num_classes) if args.init else None
+    init = _init_estimator(args, net, shape) if args.init else None
     estimator = (nn.Sequential(Normalize(*normalize), net) if normalize is not None else net).to(device)
     return dict(data=data, x=x, y=y, spec=spec, settings=settings, estimator=estimator, experts=experts,
                 device=device, normalize=normalize, init=init)
 
 
-def _init_estimator(args: argparse.Namespace, net, shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+def _init_estimator(args: argparse.Namespace, net, shape: tuple[int, ...]) -> dict[str, Any]:
     """Start the estimator from `--init`'s weights wherever name and shape match: all but the
     last layer, which has one output per class there and one per level here. A classifier
     trained under the estimator's noise (the expert at σ_e) already has features that survive
@@ -138,9 +139,7 @@ def _train(args: argparse.Namespace, *, data, x, y, spec, settings, estimator, e
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     resumed_from = read_checkpoint(checkpoint)["epoch"] if args.resume and checkpoint.exists() else None
-    if args.resume:
-        print(f"smoothcert train: resuming from {checkpoint}" if checkpoint.exists() else
-              f"smoothcert train: no {checkpoint}: starting from epoch 1", file=sys.stderr)
+    announce_resume(args, checkpoint)
     bar = ProgressBar(args.epochs, "train estimator")
 
     def on_epoch(s) -> None:
